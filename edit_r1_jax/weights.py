@@ -1,0 +1,383 @@
+"""Converted checkpoints: read PyTorch safetensors lazily, map keys declaratively, stream to disk, load sharded.
+
+A converted model directory holds ``params.safetensors`` (our parameter paths, e.g.
+``transformer_blocks.3.attn.to_q.kernel``) and ``config.json``. Conversion validates every key and shape
+before it writes a byte, then writes tensor after tensor, so host memory peaks near the largest tensor rather
+than the model. Loading builds each array with ``jax.make_array_from_callback``: every host reads only the
+slices its devices hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+log = logging.getLogger(__name__)
+
+PARAMS_FILE = "params.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the model: the message lists every problem."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading PyTorch-written safetensors without torch.
+
+
+class SafetensorsSource:
+    """Lazy view over one ``.safetensors`` file or a folder of them (index json optional)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {self.path}")
+        if self.path.is_file():
+            files = [self.path]
+        else:
+            index = sorted(self.path.glob("*.safetensors.index.json"))
+            if len(index) > 1:
+                raise ConversionError(f"{self.path}: several index files {[p.name for p in index]}")
+            if index:
+                weight_map = json.loads(index[0].read_text())["weight_map"]
+                files = sorted({self.path / f for f in weight_map.values()})
+                missing = [str(f) for f in files if not f.exists()]
+                if missing:
+                    raise ConversionError(f"{index[0]} names files that do not exist: {missing}")
+            else:
+                files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise ConversionError(f"{self.path}: no .safetensors files")
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+        for f in files:
+            for k in self._open(f).keys():
+                if k in self._where:
+                    raise ConversionError(f"key {k!r} appears in both {self._where[k]} and {f}")
+                self._where[k] = f
+
+    def _open(self, f: Path):
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="numpy")
+            except Exception as e:  # noqa: BLE001 - re-raised with the file named
+                raise ConversionError(f"cannot read {f}: {e}") from e
+        return self._handles[f]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def file_of(self, key: str) -> Path:
+        return self._where[key]
+
+    def _slice(self, key: str):
+        if key not in self._where:
+            raise KeyError(f"{key!r} not in {self.path}")
+        return self._open(self._where[key]).get_slice(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._slice(key).get_shape())
+
+    def dtype(self, key: str) -> np.dtype:
+        return _DTYPES[self._slice(key).get_dtype()]
+
+    def get(self, key: str) -> np.ndarray:
+        return self._open(self._where[key]).get_tensor(key)
+
+
+_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Declarative key maps.
+
+Transform = Callable[[Any], Any]
+
+
+def LINEAR(x):  # noqa: N802 - a named constant-like transform
+    """torch Linear weight [out, in] -> our kernel [in, out]."""
+    return x.T
+
+
+def COPY(x):  # noqa: N802
+    return x
+
+
+def CONV2D(x):  # noqa: N802
+    """torch Conv2d weight OIHW -> HWIO."""
+    return x.transpose(2, 3, 1, 0)
+
+
+def CONV3D(x):  # noqa: N802
+    """torch Conv3d weight OIDHW -> DHWIO."""
+    return x.transpose(2, 3, 4, 1, 0)
+
+
+def split_rows(sizes: Sequence[int] | int, then: Transform = LINEAR) -> Transform:
+    """Split source axis 0 into parts (``sizes``, or that many equal parts), then transform each."""
+
+    def fn(x):
+        parts = sizes
+        if isinstance(parts, int):
+            if x.shape[0] % parts:
+                raise ValueError(f"axis 0 of size {x.shape[0]} does not split into {parts} equal parts")
+            parts = [x.shape[0] // parts] * parts
+        if sum(parts) != x.shape[0]:
+            raise ValueError(f"split sizes {list(parts)} do not sum to axis 0 size {x.shape[0]}")
+        out, start = [], 0
+        for n in parts:
+            out.append(then(x[start:start + n]))
+            start += n
+        return tuple(out)
+
+    fn.__name__ = f"split_rows({sizes})"
+    return fn
+
+
+def swap_halves(then: Transform = COPY) -> Transform:
+    """Swap the two halves of axis 0 (BFL stores final-norm (shift, scale), diffusers (scale, shift))."""
+
+    def fn(x):
+        h = x.shape[0] // 2
+        return then(x.reshape((2, h) + x.shape[1:])[::-1].reshape(x.shape))
+
+    fn.__name__ = "swap_halves"
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    pattern: str
+    targets: tuple[str, ...]
+    transform: Transform = LINEAR
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", (self.targets,))
+
+
+def path_str(path: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def flat_shapes(abstract_state) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat ``{dotted path: ShapeDtypeStruct}`` of an (abstract) nnx.State."""
+    out = {}
+    for path, v in nnx.to_flat_state(abstract_state):
+        value = v.get_value() if isinstance(v, nnx.Variable) else v
+        out[path_str(path)] = jax.ShapeDtypeStruct(value.shape, value.dtype)
+    return out
+
+
+@dataclasses.dataclass
+class _Step:
+    source_key: str
+    transform: Transform
+    targets: tuple[str, ...]
+
+
+def plan(source: SafetensorsSource, rules: Sequence[Rule], targets: Mapping[str, jax.ShapeDtypeStruct],
+         ignore: Sequence[str] = ()) -> list[_Step]:
+    """Match every source key to targets and check shapes. Raises one ConversionError listing all problems."""
+    compiled = [(re.compile(r.pattern), r) for r in rules]
+    ignored = [re.compile(p) for p in ignore]
+    unexpected, unknown_target, mismatched, duplicate = [], [], [], []
+    steps: list[_Step] = []
+    assigned: dict[str, str] = {}
+    for key in source.keys():
+        match = next(((m, r) for c, r in compiled if (m := c.fullmatch(key))), None)
+        if match is None:
+            if not any(p.fullmatch(key) for p in ignored):
+                unexpected.append(f"{key} {list(source.shape(key))}")
+            continue
+        m, rule = match
+        names = tuple(m.expand(t) for t in rule.targets)
+        try:
+            out = jax.eval_shape(rule.transform, jax.ShapeDtypeStruct(source.shape(key), np.float32))
+        except Exception as e:  # noqa: BLE001 - reported with the key
+            mismatched.append(f"{key} {list(source.shape(key))}: transform {rule.transform.__name__} fails: {e}")
+            continue
+        outs = out if isinstance(out, tuple) else (out,)
+        if len(outs) != len(names):
+            mismatched.append(f"{key}: transform gives {len(outs)} arrays for targets {list(names)}")
+            continue
+        ok = True
+        for name, o in zip(names, outs):
+            if name not in targets:
+                unknown_target.append(f"{key} -> {name}")
+                ok = False
+            elif tuple(o.shape) != tuple(targets[name].shape):
+                mismatched.append(f"{key} {list(source.shape(key))} -> {name}: got {list(o.shape)}, "
+                                  f"model expects {list(targets[name].shape)}")
+                ok = False
+            elif name in assigned:
+                duplicate.append(f"{name} from both {assigned[name]} and {key}")
+                ok = False
+            else:
+                assigned[name] = key
+        if ok:
+            steps.append(_Step(key, rule.transform, names))
+    missing = [f"{n} {list(s.shape)}" for n, s in targets.items() if n not in assigned]
+    problems = []
+    for title, items in (("missing (model parameters no source key provides)", missing),
+                         ("unexpected (source keys no rule maps)", unexpected),
+                         ("mapped to parameters the model does not have", unknown_target),
+                         ("shape mismatch", mismatched), ("assigned twice", duplicate)):
+        if items:
+            problems.append(f"{title}, {len(items)}:\n  " + "\n  ".join(items))
+    if problems:
+        raise ConversionError(f"checkpoint {source.path} does not match the model:\n" + "\n".join(problems))
+    return steps
+
+
+# --------------------------------------------------------------------------------------------------------
+# Streaming safetensors writer: header first (all shapes are known after planning), then tensor by tensor.
+
+
+def write_streaming(path: str | os.PathLike, specs: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+                    arrays: Iterable[tuple[str, np.ndarray]], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors arrive one at a time, in the order of ``specs``."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _CODES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".partial")
+    expected = iter(specs)
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, arr in arrays:
+            spec_name, shape, dtype = next(expected)
+            if name != spec_name or tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
+                raise RuntimeError(f"streaming writer: got {name} {arr.shape} {arr.dtype}, "
+                                   f"expected {spec_name} {shape} {dtype}")
+            f.write(np.ascontiguousarray(arr).tobytes())
+    if next(expected, None) is not None:
+        tmp.unlink()
+        raise RuntimeError("streaming writer: fewer arrays than announced")
+    os.replace(tmp, path)
+
+
+def convert(source: SafetensorsSource, rules: Sequence[Rule], abstract_state, dst_dir: str | os.PathLike,
+            config: Mapping[str, Any], dtype: Any = None, ignore: Sequence[str] = ()) -> Path:
+    """Validate ``source`` against the model, then stream it into ``dst_dir`` (params + config.json).
+
+    ``dtype``: storage dtype of the converted tensors (default: the model's parameter dtype).
+    ``ignore``: regexes of source keys deliberately dropped (e.g. buffers the model recomputes).
+    """
+    targets = flat_shapes(abstract_state)
+    steps = plan(source, rules, targets, ignore)
+    order = [n for s in steps for n in s.targets]
+    store = {n: np.dtype(dtype) if dtype is not None else np.dtype(targets[n].dtype) for n in order}
+    specs = [(n, tuple(targets[n].shape), store[n]) for n in order]
+
+    def produce():
+        for s in steps:
+            outs = s.transform(source.get(s.source_key))
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            for n, o in zip(s.targets, outs):
+                yield n, np.asarray(o).astype(store[n])
+
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    write_streaming(dst / PARAMS_FILE, specs, produce(), metadata={"source": str(source.path)})
+    (dst / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True, default=_json_default))
+    log.info("converted %d tensors from %s into %s", len(order), source.path, dst)
+    return dst
+
+
+def _json_default(o):
+    """Configs hold dtypes (``jnp.float32``, ``np.dtype``) and nested dataclasses; everything else is JSON."""
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    try:
+        return np.dtype(o).name
+    except TypeError:
+        raise TypeError(f"config value {o!r} is not JSON serialisable") from None
+
+
+def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {model_dir} a converted model directory?")
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading onto a mesh.
+
+
+def load_state(model_dir_or_file: str | os.PathLike, abstract_state, shardings=None, prefix: str = ""):
+    """Load a converted checkpoint into an nnx.State shaped like ``abstract_state``.
+
+    ``shardings``: pytree of NamedSharding matching ``abstract_state`` (``parallel.rules.state_shardings``);
+    default: the first local device. Values are cast to the abstract state's dtypes. ``prefix`` selects a
+    sub-tree of the file (keys ``prefix + path``).
+    """
+    path = Path(model_dir_or_file)
+    file = path / PARAMS_FILE if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found")
+    flat = nnx.to_flat_state(abstract_state)
+    sflat = None if shardings is None else dict(nnx.to_flat_state(shardings))
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with safe_open(str(file), framework="numpy") as f:
+        available = set(f.keys())
+        wanted = {prefix + path_str(p): p for p, _ in flat}
+        missing = sorted(set(wanted) - available)
+        problems = [f"missing: {missing}"] if missing else []
+        leaves = []
+        for p, v in flat:
+            key = prefix + path_str(p)
+            value = v.get_value() if isinstance(v, nnx.Variable) else v
+            if key in available and tuple(f.get_slice(key).get_shape()) != tuple(value.shape):
+                problems.append(f"{key}: file has {f.get_slice(key).get_shape()}, model expects {value.shape}")
+            leaves.append((p, v, key, value))
+        if problems:
+            raise ConversionError(f"{file} does not match the model: " + "; ".join(problems))
+        out = []
+        for p, v, key, value in leaves:
+            sh = default if sflat is None else sflat[p]
+            sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
+            sl = f.get_slice(key)
+            arr = jax.make_array_from_callback(
+                tuple(value.shape), sh, lambda idx, sl=sl, dt=value.dtype: np.asarray(sl[idx]).astype(dt))
+            out.append((p, v.replace(arr) if isinstance(v, nnx.Variable) else arr))
+    return nnx.from_flat_state(out)
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None):
+    """Write a small dict of arrays (host-gathered) as safetensors, streaming, atomically."""
+    items = [(k, np.asarray(jax.device_get(v))) for k, v in tensors.items()]
+    write_streaming(path, [(k, a.shape, a.dtype) for k, a in items], iter(items), metadata)
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    with safe_open(str(path), framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
