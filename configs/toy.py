@@ -1,0 +1,44 @@
+"""The tiny CPU demo (the trainer's default): coloured-shapes editing in pixel space with a verifier reward.
+
+A 16x16 RGB image is 64 tokens of 12 features (2x2 patches) through the same FLUX DiT code, shrunk. The base
+DiT is warm-started by supervised flow matching; DiffusionNFT then trains a LoRA with the programmatic verifier
+as reward. Everything else (grouping, advantages, filter, NFT loss, policies, checkpoints) is the real path.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import base
+
+
+def get_config(variant: str = ""):
+    c = base.get_config()
+    c.task = "toy"
+    c.run_dir = "runs/toy" + (f"_{variant}" if variant else "")
+    c.num_epochs = 60
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = "none"
+    c.model.dit = ConfigDict(dict(num_layers=2, num_single_layers=2, attention_head_dim=32,
+                                  num_attention_heads=2, axes_dims_rope=(8, 12, 12)))
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.toy = ConfigDict(dict(seed=0, resolution=16, text_length=8, text_dim=32, num_train_rows=256,
+                            num_test_rows=64, success_threshold=0.75))
+    c.reward.weights = ConfigDict({"toy_edit": 1.0})
+    c.sample.num_steps = 6
+    c.sample.group_size = 8
+    c.sample.groups_per_batch = 8
+    c.sample.num_batches_per_epoch = 2
+    c.sample.rollout_batch_size = 64
+    c.train.micro_batch_size = 32
+    c.train.learning_rate = 1e-3
+    c.eval = ConfigDict(dict(every=10, num_steps=15, solver="flow", num_samples=64, batch_size=64))
+    c.checkpoint.every = 20
+    c.log.image_every = 20
+    c.log.tensorboard = True
+    c.warmup = ConfigDict(dict(steps=600, learning_rate=1e-3, batch_size=32))
+    if variant == "lr0":  # the control: same run, learning rate 0; the reward must not rise
+        c.train.learning_rate = 0.0
+    elif variant:
+        raise ValueError(f"configs/toy.py: unknown variant {variant!r}; known: lr0")
+    return c

@@ -1,0 +1,87 @@
+"""Config validation, once at start-up, with messages that name the field (no silent batch-size search)."""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+SOLVERS = ("flow", "dance", "ddim", "dpm1", "dpm2")
+ADV_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def derived(c: ConfigDict) -> dict[str, int]:
+    """Sizes the loop needs, computed from the config: one place, one meaning."""
+    per_batch = c.sample.group_size * c.sample.groups_per_batch
+    per_epoch = per_batch * c.sample.num_batches_per_epoch
+    per_step = per_epoch // c.train.steps_per_epoch
+    return dict(
+        samples_per_batch=per_batch,
+        samples_per_epoch=per_epoch,
+        samples_per_step=per_step,
+        micro_batches_per_step=per_step // c.train.micro_batch_size,
+        train_timesteps=int(c.sample.num_steps * c.train.timestep_fraction),
+    )
+
+
+def validate(c: ConfigDict, num_processes: int = 1, data_parallel: int = 1) -> dict[str, int]:
+    """Check every constraint; raise one ConfigError listing all violations. Returns ``derived(c)``."""
+    errors: list[str] = []
+
+    def need(cond: bool, msg: str):
+        if not cond:
+            errors.append(msg)
+
+    s, t = c.sample, c.train
+    need(c.task in ("kontext", "toy"), f"task={c.task!r}: must be 'kontext' or 'toy'")
+    for name in ("group_size", "groups_per_batch", "num_batches_per_epoch", "num_steps", "rollout_batch_size"):
+        need(int(s[name]) >= 1, f"sample.{name}={s[name]} must be >= 1")
+    for name in ("micro_batch_size", "steps_per_epoch"):
+        need(int(t[name]) >= 1, f"train.{name}={t[name]} must be >= 1")
+    need(s.solver in SOLVERS, f"sample.solver={s.solver!r}: one of {SOLVERS}")
+    need(c.eval.solver in SOLVERS, f"eval.solver={c.eval.solver!r}: one of {SOLVERS}")
+    need(not (s.solver.startswith("dpm") and s.eta != 0), f"sample.eta={s.eta}: dpm solvers are deterministic")
+    need(t.adv_mode in ADV_MODES, f"train.adv_mode={t.adv_mode!r}: one of {ADV_MODES}")
+    need(t.timestep_sampling in ("grid", "uniform"), f"train.timestep_sampling={t.timestep_sampling!r}")
+    need(0 < t.timestep_fraction <= 1, f"train.timestep_fraction={t.timestep_fraction} must be in (0, 1]")
+    need(t.decay_type in (0, 1, 2), f"train.decay_type={t.decay_type}: 0, 1 or 2")
+    need(t.nft_beta > 0, f"train.nft_beta={t.nft_beta} must be > 0 (it divides the loss)")
+    need(c.filter.rule in ("paper", "reference"), f"filter.rule={c.filter.rule!r}: 'paper' or 'reference'")
+    need(c.reward.on_error in ("raise", "mask"), f"reward.on_error={c.reward.on_error!r}: 'raise' or 'mask'")
+    need(len(c.reward.weights) > 0, "reward.weights is empty: name at least one reward")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+    d = derived(c)
+    per_batch, per_epoch = d["samples_per_batch"], d["samples_per_epoch"]
+    need(int(s.num_steps * t.timestep_fraction) >= 1,
+         f"train.timestep_fraction={t.timestep_fraction} x sample.num_steps={s.num_steps} leaves no timestep")
+    need(per_batch % s.rollout_batch_size == 0,
+         f"sample.group_size*sample.groups_per_batch={per_batch} must be divisible by "
+         f"sample.rollout_batch_size={s.rollout_batch_size}")
+    need(per_epoch % t.steps_per_epoch == 0,
+         f"samples per epoch {per_epoch} (group_size*groups_per_batch*num_batches_per_epoch) must be divisible "
+         f"by train.steps_per_epoch={t.steps_per_epoch}")
+    need(d["samples_per_step"] % t.micro_batch_size == 0,
+         f"samples per optimizer step {d['samples_per_step']} must be divisible by "
+         f"train.micro_batch_size={t.micro_batch_size}")
+    for name, value in (("sample.rollout_batch_size", s.rollout_batch_size),
+                        ("train.micro_batch_size", t.micro_batch_size), ("eval.batch_size", c.eval.batch_size)):
+        need(value % data_parallel == 0,
+             f"{name}={value} must be divisible by the data-parallel device count {data_parallel} "
+             f"(mesh data x fsdp)")
+    need(s.rollout_batch_size % num_processes == 0,
+         f"sample.rollout_batch_size={s.rollout_batch_size} must be divisible by the process count {num_processes}")
+    need(c.eval.num_samples % c.eval.batch_size == 0,
+         f"eval.num_samples={c.eval.num_samples} must be divisible by eval.batch_size={c.eval.batch_size}")
+    if c.task == "kontext":
+        need(bool(c.model.dir), "model.dir is empty: point it at a converted FLUX.1-Kontext directory")
+        need(bool(c.data.root), "data.root is empty: point it at a dataset folder (spec F)")
+        if "mllm" in c.reward.weights:
+            need(bool(c.reward.mllm_dir), "reward.mllm_dir is empty but reward.weights names 'mllm'")
+        need(c.data.resolution % 16 == 0, f"data.resolution={c.data.resolution} must be a multiple of 16")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return d

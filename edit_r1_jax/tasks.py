@@ -1,0 +1,175 @@
+"""What the loop trains on: the editor around the DiT (conditioning, decoding), the data and the reward.
+
+A task gives the loop:
+  policy, base           the static DiT call (engine.Policy) and the frozen base parameters (on the mesh)
+  init_lora(key)         the initial LoRA pytree theta
+  sigmas_train/_eval     rollout and evaluation schedules
+  num_train_rows         rows the group sampler draws from (row id = group id)
+  inputs(rows, split)    host arrays for this host's rows (source image, text embeddings)
+  encode(inputs)         jitted: global inputs -> conditioning {"ref", "text", "pooled"}
+  decode(x0)             jitted: final latents -> images [B, H, W, 3] in [0, 1]
+  reward(rows, inputs, images, index, split) -> (total [b], per-reward {name: [b]}, valid [b])
+Two tasks: "toy" (pixel-space shapes editing, CPU demo) and "kontext" (FLUX.1-Kontext with VAE, text cache and
+MLLM reward).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from edit_r1_jax import engine, weights
+from edit_r1_jax.data import toy
+from edit_r1_jax.diffusion import latents, schedule
+from edit_r1_jax.models import lora as lora_lib
+from edit_r1_jax.models.flux.modeling import FluxConfig, FluxTransformer
+from edit_r1_jax.parallel import rules
+from edit_r1_jax.rewards import registry as reward_registry
+
+log = logging.getLogger(__name__)
+
+
+def build(c, mesh, run_dir: Path, writer):
+    if c.task == "toy":
+        return ToyTask(c, mesh, run_dir, writer)
+    from edit_r1_jax.kontext_task import KontextTask
+
+    return KontextTask(c, mesh, run_dir, writer)
+
+
+def lora_config(c) -> lora_lib.LoRAConfig:
+    return lora_lib.LoRAConfig(rank=int(c.lora.rank), alpha=float(c.lora.alpha), targets=tuple(c.lora.targets),
+                               init_std=None if not c.lora.init_std else float(c.lora.init_std))
+
+
+def split_on_mesh(model: nnx.Module, mesh):
+    """Shard the model on the mesh, then split it into (graphdef, base, lora)."""
+    rules.shard_model(model, mesh)
+    return lora_lib.split_policy(model)
+
+
+class ToyTask:
+    """Coloured shapes edited in pixel space: 16x16x3 images, 2x2 patches -> 64 tokens of 12 features.
+
+    The base DiT is random, so it is warm-started by supervised flow matching on (source, instruction) ->
+    target pairs (all base parameters, cached in run_dir/warm_base); RL then trains the LoRA on top.
+    """
+
+    def __init__(self, c, mesh, run_dir: Path, writer):
+        t = c.toy
+        self.c, self.mesh, self.res = c, mesh, int(t.resolution)
+        kw = dict(seed=int(t.seed), resolution=self.res, max_len=int(t.text_length), dim=int(t.text_dim))
+        self.train_rows = toy.make_batch([toy.ToySource(int(t.num_train_rows), **kw)[i]
+                                          for i in range(int(t.num_train_rows))])
+        self.test_rows = toy.make_batch([toy.ToySource(int(t.num_test_rows), **dict(kw, seed=int(t.seed) + 1))[i]
+                                         for i in range(int(t.num_test_rows))])
+        self.num_train_rows = int(t.num_train_rows)
+        tokens = (self.res // 2) ** 2
+        cfg = FluxConfig(**dict(c.model.dit), in_channels=12, joint_attention_dim=int(t.text_dim),
+                         pooled_projection_dim=int(t.text_dim), guidance_embeds=False, dtype=c.model.dtype,
+                         param_dtype=c.model.param_dtype, remat_policy=c.model.remat_policy,
+                         attention_impl=c.model.attention_impl or None, lora=lora_config(c))
+        self.policy_cfg = cfg
+        model = FluxTransformer(cfg, rngs=nnx.Rngs(c.seed))
+        graphdef, base, lora = split_on_mesh(model, mesh)
+        self.lora_init = lora
+        self.policy = engine.Policy(graphdef, latents.kontext_ids(self.res // 2, self.res // 2),
+                                    latents.text_ids(int(t.text_length)), None, (tokens, 12))
+        self.base = self._warm_start(base, Path(run_dir) / "warm_base", writer)
+        self.sigmas_train = schedule.sigmas(int(c.sample.num_steps), tokens)
+        self.sigmas_eval = schedule.sigmas(int(c.eval.num_steps), tokens)
+        self.reward_fn = reward_registry.default_registry.combine(dict(c.reward.weights), c.reward.on_error)
+
+    # -- supervised warm start ------------------------------------------------------------------------------
+    def _warm_start(self, base, path: Path, writer):
+        w = self.c.warmup
+        if w.steps <= 0:
+            return base
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), base)
+        if (path / weights.PARAMS_FILE).exists():
+            log.info("warm start: loading %s", path)
+            return weights.load_state(path, abstract, jax.tree.map(lambda s: s.sharding, abstract))
+        log.info("warm start: %d steps of supervised flow matching (batch %d)", w.steps, w.batch_size)
+        tx = optax.adam(float(w.learning_rate))
+        opt = tx.init(base)
+        policy = self.policy
+
+        @jax.jit
+        def step(base, opt, key, idx):
+            src = jnp.asarray(self.train_rows["source"])[idx]
+            tgt = latents.pack(jnp.asarray(self.train_rows["target"])[idx])
+            cond = {"ref": latents.pack(src), "text": jnp.asarray(self.train_rows["tokens"])[idx],
+                    "pooled": jnp.asarray(self.train_rows["pooled"])[idx]}
+            k1, k2 = jax.random.split(key)
+            eps = jax.random.normal(k1, tgt.shape)
+            t = jax.nn.sigmoid(jax.random.normal(k2, (tgt.shape[0],)))  # logit-normal, as SD3/Flux training
+            x_t = (1 - t[:, None, None]) * tgt + t[:, None, None] * eps
+
+            def loss_fn(b):
+                return jnp.mean((policy.velocity(b, None, x_t, t, cond) - (eps - tgt)) ** 2)
+
+            loss, g = jax.value_and_grad(loss_fn)(base)
+            upd, opt = tx.update(g, opt, base)
+            return optax.apply_updates(base, upd), opt, loss
+
+        rng = np.random.default_rng(self.c.seed)
+        key = jax.random.key(self.c.seed + 7)
+        for i in range(int(w.steps)):
+            idx = rng.integers(0, self.num_train_rows, int(w.batch_size))
+            base, opt, loss = step(base, opt, jax.random.fold_in(key, i), idx)
+            if i % 100 == 0 or i == w.steps - 1:
+                writer.write(i, {"warmup/flow_matching_loss": float(loss)})
+                log.info("warm start step %d: loss %.4f", i, float(loss))
+        if jax.process_index() == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            flat = {weights.path_str(p): v.get_value() for p, v in nnx.to_flat_state(base)}
+            weights.save_tensors(path / weights.PARAMS_FILE, flat)
+        return base
+
+    # -- the task interface ---------------------------------------------------------------------------------
+    def init_lora(self):
+        """theta at start: LoRA A drawn at model construction from config.seed, B = 0."""
+        return self.lora_init
+
+    def _rows(self, split):
+        return self.train_rows if split == "train" else self.test_rows
+
+    def inputs(self, rows, split: str = "train") -> dict[str, np.ndarray]:
+        d = self._rows(split)
+        return {"source": d["source"][rows], "tokens": d["tokens"][rows], "pooled": d["pooled"][rows]}
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def encode(self, inputs):
+        return {"ref": latents.pack(inputs["source"]), "text": inputs["tokens"], "pooled": inputs["pooled"]}
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def decode(self, x0):
+        return jnp.clip((latents.unpack(x0, self.res, self.res) + 1) / 2, 0, 1)
+
+    def reward(self, rows, inputs, images, index, split: str = "train"):
+        d = self._rows(split)
+        total, info = self.reward_fn({"image": images * 2 - 1, "source": inputs["source"], "target": d["target"][rows]})
+        valid = info.pop("valid")
+        info.pop("num_masked")
+        return total, info, valid
+
+    def source_images(self, inputs):
+        return (inputs["source"] + 1) / 2
+
+    def caption(self, row, split: str = "train") -> str:
+        return self._rows(split)["prompt"][int(row)]
+
+    def eval_rows(self, n: int) -> np.ndarray:
+        if n > len(self.test_rows["row_id"]):
+            raise ValueError(f"eval.num_samples={n} exceeds toy.num_test_rows={len(self.test_rows['row_id'])}")
+        return np.arange(n)
+
+    def eval_extra_metrics(self, rewards) -> dict[str, float]:
+        return {"eval/success_rate": float(np.nanmean(rewards >= self.c.toy.success_threshold))}
+

@@ -1,0 +1,217 @@
+"""python -m edit_r1_jax.train --config configs/NAME.py[:variant] [--config.field=value ...]
+
+The Edit-R1 loop (spec E), one epoch at a time:
+  group sampler -> condition -> rollout with theta_old -> decode -> reward -> advantages + filter
+  -> NFT optimizer step(s) (EMA inside) -> theta_old soft update -> metrics, grids, checkpoint.
+Without --config it runs the tiny CPU toy task (configs/toy.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from edit_r1_jax import checkpoint as ckpt_lib
+from edit_r1_jax import config as config_lib
+from edit_r1_jax import engine, tasks
+from edit_r1_jax import metrics as metrics_lib
+from edit_r1_jax.data.groups import GroupSampler
+from edit_r1_jax.nft import advantages as adv_lib
+from edit_r1_jax.nft import loss as nft_loss
+from edit_r1_jax.parallel import distributed
+from edit_r1_jax.parallel import mesh as mesh_lib
+
+log = logging.getLogger("edit_r1_jax.train")
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy.py")
+
+
+def nft_config(c, num_micro_batches: int) -> nft_loss.NFTConfig:
+    t = c.train
+    return nft_loss.NFTConfig(
+        nft_beta=float(t.nft_beta), kl_weight=float(t.kl_weight), adv_clip_max=float(t.adv_clip_max),
+        timestep_mode=str(t.timestep_sampling), timestep_fraction=float(t.timestep_fraction),
+        num_micro_batches=int(num_micro_batches))
+
+
+def run(c, max_epochs: int | None = None) -> dict[str, Any]:
+    """Train per config ``c``; returns {"eval": {epoch: metrics}, "last": metrics, "state": state}."""
+    distributed.initialize(c.distributed.coordinator, c.distributed.num_processes, c.distributed.process_id)
+    mesh = mesh_lib.make_mesh(dict(c.mesh))
+    sizes = config_lib.validate(c, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
+    run_dir = Path(c.run_dir)
+    writer = metrics_lib.MetricWriter(run_dir, tensorboard=c.log.tensorboard)
+    timer = metrics_lib.Timer()
+    summary: dict[str, Any] = {"eval": {}}
+
+    with jax.set_mesh(mesh):
+        task = tasks.build(c, mesh, run_dir, writer)
+        tx = engine.make_optimizer(c)
+        state = engine.init_state(task.init_lora(), tx, jax.random.key(c.seed))
+        sampler = GroupSampler(task.num_train_rows, c.sample.groups_per_batch, c.sample.group_size,
+                               c.sample.num_batches_per_epoch, c.seed, jax.process_index(), jax.process_count())
+        ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", c.checkpoint.max_to_keep)
+        start_epoch = 0
+        if c.resume and ckpt.latest_step() is not None:
+            state, host = ckpt.restore(ckpt_lib.abstract_like(state))
+            sampler.set_state(host["sampler"])
+            start_epoch = host["epoch"] + 1
+            log.info("resumed after epoch %d (optimizer step %d)", host["epoch"], int(state["step"]))
+
+        hp = nft_config(c, sizes["micro_batches_per_step"])
+        end_epoch = c.num_epochs if max_epochs is None else min(c.num_epochs, start_epoch + max_epochs)
+        bar = tqdm(range(start_epoch, end_epoch), desc="epochs", initial=start_epoch, total=end_epoch,
+                   disable=not c.log.progress or jax.process_index() != 0)
+        for epoch in bar:
+            if c.eval.every > 0 and epoch % c.eval.every == 0:
+                with timer("eval"):
+                    summary["eval"][epoch] = evaluate(c, task, state, epoch, writer)
+            with timer("epoch"):
+                batches = rollouts(c, task, mesh, sampler, state, epoch, sizes, timer)
+                with timer("advantages"):
+                    adv, filt, epoch_metrics = advantages(c, batches, sampler)
+                with timer("train"):
+                    state, train_metrics = update(c, task, mesh, tx, hp, state, batches, adv, filt, sizes)
+            epoch_metrics.update(train_metrics, epoch=epoch, **timer.pop())
+            epoch_metrics["images_per_s"] = sizes["samples_per_epoch"] / epoch_metrics["time/epoch"]
+            writer.write(int(state["step"]), epoch_metrics)
+            if c.log.image_every > 0 and epoch % c.log.image_every == 0:
+                b = batches[0]
+                n = min(c.log.num_images, len(b["rewards"]))
+                writer.image_grid("train", epoch, task.source_images(b["inputs"])[:n], b["images"][:n],
+                                  b["rewards"][:n], [task.caption(r) for r in b["local_rows"][:n]])
+            bar.set_postfix(reward=f"{epoch_metrics['reward_mean']:.3f}",
+                            loss=f"{epoch_metrics['train/total_loss']:.4f}")
+            summary["last"] = epoch_metrics
+            if (epoch + 1) % c.checkpoint.every == 0 or epoch + 1 == end_epoch:
+                ckpt.save(epoch, state, {"epoch": epoch, "sampler": sampler.get_state()})
+        if c.eval.every > 0 and end_epoch > start_epoch and end_epoch == c.num_epochs:
+            summary["eval"][end_epoch] = evaluate(c, task, state, end_epoch, writer)
+        ckpt.close()
+        writer.close()
+    summary["state"] = state
+    return summary
+
+
+def rollouts(c, task, mesh, sampler, state, epoch: int, sizes, timer) -> list[dict[str, Any]]:
+    """The epoch's sampling batches, each M rows x K repeats, rolled out with theta_old and scored."""
+    epoch_key = jax.random.fold_in(jax.random.key(c.seed + 1), epoch)
+    batches = []
+    for i in range(c.sample.num_batches_per_epoch):
+        with timer("data"):
+            draw = sampler.next_batch()  # group id = dataset row id (spec H.1, H.2)
+            offset = epoch * sizes["samples_per_epoch"] + i * sizes["samples_per_batch"]
+            local_index = offset + draw.slot_ids  # global sample index of this host's slots (spec H.15)
+            inputs = task.inputs(draw.row_ids)
+        with timer("rollout"):
+            cond = task.encode(distributed.to_global(mesh, inputs))
+            gidx = distributed.to_global(mesh, local_index)
+            x0 = engine.sample(task.policy, task.base, state["theta_old"], cond, epoch_key, gidx,
+                               task.sigmas_train, c.sample.solver, float(c.sample.eta))
+            images = distributed.to_local(task.decode(x0))
+        with timer("reward"):
+            rewards, per_reward, valid = task.reward(draw.row_ids, inputs, images, local_index)
+        batches.append(dict(rows=draw.global_row_ids, local_rows=draw.row_ids, x0=x0, cond=cond, index=gidx,
+                            images=images, inputs=inputs, rewards=rewards, valid=valid, per_reward=per_reward))
+    return batches
+
+
+def advantages(c, batches, sampler):
+    """Group advantages over the whole epoch; every host computes the same from the same gathered arrays."""
+    rows = np.concatenate([b["rows"] for b in batches])
+    rewards = np.concatenate([distributed.gather(b["rewards"]) for b in batches])
+    valid = np.concatenate([distributed.gather(b["valid"]) for b in batches])
+    adv = adv_lib.compute_advantages(rewards, rows, global_std=bool(c.train.global_std),
+                                     adv_clip_max=float(c.train.adv_clip_max), adv_mode=str(c.train.adv_mode),
+                                     valid=valid)
+    filt = adv_lib.filter_groups(rows, adv.group_mean, adv.group_std, std_thres=float(c.filter.std_thres),
+                                 mean_thres=float(c.filter.mean_thres), rule=str(c.filter.rule),
+                                 enabled=bool(c.filter.enabled), valid=valid)
+    sampler.ban(filt.ban_ids)
+    metrics = {"reward_mean": float(np.mean(rewards[valid])) if valid.any() else float("nan"),
+               "reward_std": float(np.std(rewards[valid])) if valid.any() else float("nan"),
+               **adv_lib.reward_stats(rewards, rows, valid), "banned_rows": len(sampler.banned),
+               "filtered_groups": filt.filtered_groups, "masked_fraction": float(1 - np.mean(filt.mask)),
+               "invalid_rewards": int((~valid).sum())}
+    for name in batches[0]["per_reward"]:
+        values = np.concatenate([distributed.gather(b["per_reward"][name]) for b in batches])
+        metrics[f"reward/{name}"] = float(np.nanmean(values))
+    return adv, filt, metrics
+
+
+def update(c, task, mesh, tx, hp, state, batches, adv, filt, sizes):
+    """The NFT optimizer step(s) of the epoch, then the old-policy soft update (spec B.6, B.8)."""
+    cat = lambda key: jax.tree.map(lambda *xs: jnp.concatenate(xs), *[b[key] for b in batches])  # noqa: E731
+    x0, cond, index = cat("x0"), cat("cond"), cat("index")
+    per_step = sizes["samples_per_step"]
+    step_metrics = []
+    for s in range(c.train.steps_per_epoch):
+        sl = slice(s * per_step, (s + 1) * per_step)
+        host = distributed.host_slice(per_step)
+        batch = dict(x0=x0[sl], cond=jax.tree.map(lambda a: a[sl], cond), index=index[sl],
+                     r=distributed.to_global(mesh, np.asarray(adv.r[sl], np.float32)[host]),
+                     mask=distributed.to_global(mesh, np.asarray(filt.mask[sl], np.float32)[host]),
+                     sigmas=jnp.asarray(task.sigmas_train, jnp.float32))
+        state, m = engine.train_step(task.policy, tx, hp, task.base, state, batch)
+        step_metrics.append(jax.device_get(m))
+    state = engine.sync_old_policy(state, int(c.train.decay_type))
+    return state, {f"train/{k}": float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+
+
+def evaluate(c, task, state, epoch: int, writer) -> dict[str, float]:
+    """EMA policy, eval.solver (Euler ODE) over eval.num_steps, fixed noise per held-out row.
+
+    Every held-out row is scored exactly once (no padding by repetition, spec H.12), and the grid's captions,
+    images and scores come from the same samples.
+    """
+    rows = task.eval_rows(c.eval.num_samples)
+    key = jax.random.key(c.seed + 2)
+    rewards = []
+    for start in range(0, len(rows), c.eval.batch_size):
+        batch_rows = rows[start:start + c.eval.batch_size]
+        local = distributed.host_slice(len(batch_rows))
+        local_index = np.arange(start, start + len(batch_rows))[local]
+        inputs = task.inputs(batch_rows[local], split="test")
+        cond = task.encode(distributed.to_global(task.mesh, inputs))
+        gidx = distributed.to_global(task.mesh, local_index)
+        x0 = engine.sample(task.policy, task.base, state["ema"], cond, key, gidx, task.sigmas_eval,
+                           c.eval.solver, 0.0)
+        images = distributed.to_local(task.decode(x0))
+        r, _, valid = task.reward(batch_rows[local], inputs, images, local_index, split="test")
+        rewards.append(distributed.gather(np.where(valid, r, np.nan)))
+        if start == 0 and c.log.image_every > 0 and epoch % c.log.image_every == 0:
+            n = min(c.log.num_images, len(r))
+            writer.image_grid("eval", epoch, task.source_images(inputs)[:n], images[:n], r[:n],
+                              [task.caption(x, "test") for x in batch_rows[local][:n]])
+    all_r = np.concatenate(rewards)
+    metrics = {"eval/reward_mean": float(np.nanmean(all_r)), **task.eval_extra_metrics(all_r)}
+    writer.write(int(state["step"]), metrics)
+    log.info("eval at epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "training config file (path[:variant])")
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+    t0 = time.time()
+    summary = run(_CONFIG.value)
+    if jax.process_index() == 0:
+        evals = {k: {m: round(v, 4) for m, v in d.items()} for k, d in summary["eval"].items()}
+        print(f"done in {time.time() - t0:.0f} s; evaluation by epoch: {evals}")
+
+
+if __name__ == "__main__":
+    app.run(main)
