@@ -25,7 +25,8 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
 
     Sources, first match wins: explicit arguments (config.distributed), env EDIT_R1_COORDINATOR /
     EDIT_R1_NUM_PROCESSES / EDIT_R1_PROCESS_ID (plain ssh launcher), then jax's own detection (TPU pods,
-    SLURM, Open MPI) when TPU or SLURM variables are present.
+    SLURM, Open MPI) when EDIT_R1_DISTRIBUTED=auto (set by tools/tpu/pod.sh: TPU VMs carry no variable that
+    says so) or SLURM variables are present.
     """
     coordinator = coordinator or os.environ.get("EDIT_R1_COORDINATOR", "")
     num_processes = num_processes or int(os.environ.get("EDIT_R1_NUM_PROCESSES", "0"))
@@ -39,7 +40,7 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+    elif os.environ.get("EDIT_R1_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
     else:
         return

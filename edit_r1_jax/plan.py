@@ -1,0 +1,592 @@
+"""Memory plan: bytes PER DEVICE of an Edit-R1 run for a mesh and a chip, from abstract shapes only.
+
+    python -m edit_r1_jax.plan --config configs/kontext_mllm.py --mesh data=4,fsdp=8,tensor=1 --chip v5p \
+        [--micro-batch N] [--reward 7b|32b|none] [--margin 0.15] [--json] [--config.train.micro_batch_size=96 ...]
+    python -m edit_r1_jax.plan --config configs/kontext_mllm.py --devices 8 --chip h100   # search only
+
+Nothing is allocated: every model is built with ``nnx.eval_shape`` and each parameter's per-device shard is
+derived from its ``logical_axes`` metadata through ``edit_r1_jax.parallel.rules.partition_spec`` on an
+``AbstractMesh`` (dimensions the mesh axes do not divide are replicated, exactly as the trainer does).
+
+What is counted (per device)
+    DiT base weights      FluxConfig full size (plus ``config.model.dit`` overrides), ``config.model.param_dtype``.
+    LoRA theta / theta_old / EMA, LoRA grads, AdamW mu+nu   float32, sharded by their logical axes.
+    reward model          Qwen2.5-VL 7B (our ``Qwen2_5_VLConfig`` defaults) or 32B (published sizes), bf16
+                          (the config has no reward dtype field: bf16 assumed), sharded by the same rules.
+    text encoders         T5-XXL encoder + CLIP-L text (``edit_r1_jax.models.text``) in the compute dtype; 0 when
+                          ``config.data.text_cache`` (embeddings are read from the cache during training).
+    VAE                   ``AutoencoderKL(AutoencoderKLConfig())`` (the FLUX VAE), float32 (the reference keeps it
+                          fp32).
+    FSDP gather buffers   2 x the largest block gathered to full width (current + prefetched), when fsdp > 1.
+    epoch buffers         per sample kept between rollout and training: x0 and reference latents (float32) and
+                          T5 + pooled CLIP embeddings (compute dtype), samples_per_epoch / (data*fsdp) samples.
+
+Activation estimate (training step, per device; b = compute-dtype bytes, B = micro-batch per device)
+    Tokens at resolution R: L = 2*(R/16)^2 + T (noisy + reference image tokens + T5 text), 2176 at 512^2.
+    D = heads*head_dim (3072), t = mesh tensor size; "heads/mlp-width" tensors are split over t, "embed-width"
+    ones are not (``act_embed`` is replicated by the rules). Per token per block, elements saved for backward
+    (f32 intermediates of LayerNorm/RMSNorm/RoPE counted as 2 bf16 units):
+        policy                               double block (19)            single block (38)
+        none (everything)                    18 D + 45 D/t  (+probs)      8 D + 47 D/t  (+probs)
+        dots_saveable (all matmul outputs)    4 D + 11 D/t + 4r (+scores)  2 D + 11 D/t + 3r (+scores)
+        dots_with_no_batch_dims_saveable      4 D + 10 D/t + 4r            2 D + 10 D/t + 3r
+        full (nothing_saveable)               1 D                          1 D
+    ("+probs"/"+scores": with the XLA attention implementation (the TPU default) the [H/t, L, L] attention
+    matrix is materialised: float32 + compute-dtype probabilities for ``none``, float32 logits for
+    ``dots_saveable``; with cuDNN flash attention (the GPU default) it is never stored.
+    ``dots_with_no_batch_dims_saveable`` never saves it: the attention matmuls have batch dims.)
+    r = LoRA rank, 4 LoRA targets per stream in a double block and 3 (q, k, v) in a single block; each LoRA
+    target also saves its B output (counted in the D terms). Outside the blocks (final norm in float32,
+    embedders) about 6 L D b more per sample are saved under every policy, plus float32 copies of the
+    timestep/guidance/text embedder weights (3 D^2 + 1280 D floats, once).
+    Calibration: the saved residuals that ``jax.ad_checkpoint`` reports for the full-width model cut to one
+    double block or one single block (B=1, L=2176, XLA attention, LoRA r=32) agree with this formula within
+    2% for every policy (full: 0.223 vs 0.219 GB; none single block: 1.626 vs 1.628 GB).
+    With a remat policy one block is recomputed at a time during backward: add B x (one block's ``none``
+    activations + its attention matrix when XLA attention) as the working set. Saved activations of the
+    v_theta forward only: v_old / v_ref forwards run without gradients and are covered by the working set.
+    Training total = B * ((19*double + 38*single) + 6 L D b) + working set.
+    Rollout: rollout_batch_size / (data*fsdp) samples through one block at a time, no saved activations
+    (bounded by one double block's ``none`` activations per sample: an upper bound for inference).
+    VAE: decoding the rollout batch (rollout_batch_size / (data*fsdp) images at once) keeps ~4 float32
+    [R, R, 128] tensors per image live at the top decoder level (the largest; ~0.5 GB per 512^2 image).
+    Reward: reward.batch_size / (data*fsdp) sequences of ~ 2 images ((R/28)^2 tokens each) + 128 prompt tokens
+    through one decoder layer at a time (hidden + 2*intermediate/t + q/k/v); the last-position logits only.
+    Peak = static + max(training, rollout, VAE decode, reward); it fits when peak <= HBM * (1 - margin) (XLA
+    temporaries, fragmentation, the runtime's reserve). HBM in decimal GB: h100 80, h200 141, v5p 95, v6e 32.
+
+Recommended mesh: every (data, fsdp, tensor) over the device count with tensor <= 8 whose data*fsdp divides the
+global micro-batch and rollout batch (``config.validate`` requires it; skipped with ``--micro-batch``), that fits;
+the least model sharding (fsdp*tensor, then tensor) wins. If none fits with the configured remat policy the
+search is repeated with ``full`` remat and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from edit_r1_jax.parallel import rules as sharding_rules
+
+GB = 1e9
+CHIPS = {  # HBM bytes per device (decimal GB, conservative: 80 GB H100 has 79.6 GiB usable)
+    "h100": 80 * GB,
+    "h200": 141 * GB,
+    "v5p": 95 * GB,
+    "v6e": 32 * GB,
+}
+GPU_CHIPS = ("h100", "h200")
+MESH_AXES = ("data", "fsdp", "tensor")
+REMAT_ORDER = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")
+MAX_TENSOR = 8
+
+# (embed-width coefficient, heads/mlp-width coefficient, LoRA rank coefficient, attention matrix kind)
+# per token per block; see the module docstring.
+_OUTSIDE = 6  # [L, D]-sized residuals outside the blocks per sample (final norm in float32, embedders)
+_SAVED = {
+    "none": {"double": (18, 45, 0, "probs"), "single": (8, 47, 0, "probs")},
+    "dots_saveable": {"double": (4, 11, 4, "scores"), "single": (2, 11, 3, "scores")},
+    "dots_with_no_batch_dims_saveable": {"double": (4, 10, 4, None), "single": (2, 10, 3, None)},
+    "full": {"double": (1, 0, 0, None), "single": (1, 0, 0, None)},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Abstract parameter inventories.
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    path: str
+    shape: tuple[int, ...]
+    itemsize: int
+    axes: tuple | None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@contextlib.contextmanager
+def _fast_tracing():
+    """Speed up ``nnx.eval_shape`` of large models ~8x.
+
+    flax's ``Variable.set_value`` probes ``value.sharding``; on a jaxpr tracer that raises an AttributeError
+    whose message walks the whole jaxpr built so far (quadratic in the number of parameters: 23 s -> 3 s for
+    the 12B DiT). The message is only text, so it is blanked while we trace; restored afterwards.
+    """
+    try:
+        from jax._src.interpreters import partial_eval as pe
+        cls = pe.DynamicJaxprTracer
+        original = cls.__dict__["_origin_msg"]
+    except (ImportError, AttributeError, KeyError):  # jax moved it: slower, still correct
+        yield
+        return
+    cls._origin_msg = lambda self: ""
+    try:
+        yield
+    finally:
+        cls._origin_msg = original
+
+
+def _leaves(abstract_module, variable_type=None) -> list[Leaf]:
+    state = nnx.state(abstract_module) if variable_type is None else nnx.state(abstract_module, variable_type)
+    out = []
+    for path, v in nnx.to_flat_state(state):
+        value = v.get_value() if isinstance(v, nnx.Variable) else v
+        axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
+        out.append(Leaf(".".join(str(p) for p in path), tuple(value.shape), jnp.dtype(value.dtype).itemsize,
+                        None if axes is None else tuple(axes)))
+    return out
+
+
+def flux_config(config):
+    from edit_r1_jax.models.flux.modeling import FluxConfig
+    from edit_r1_jax.models.lora import LoRAConfig
+
+    lora = LoRAConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
+    overrides = dict(config.model.get("dit", {}) or {})
+    return FluxConfig(**overrides, dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype),
+                      lora=lora)
+
+
+@functools.lru_cache(maxsize=8)
+def dit_leaves(cfg) -> tuple[list[Leaf], list[Leaf]]:
+    """(base leaves, LoRA leaves) of the FLUX transformer for ``cfg`` (a FluxConfig), from eval_shape."""
+    from edit_r1_jax.models.flux.modeling import FluxTransformer
+    from edit_r1_jax.models.lora import LoRAParam
+
+    with _fast_tracing():
+        model = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
+    lora = _leaves(model, LoRAParam)
+    base = _leaves(model, nnx.Not(LoRAParam))
+    return base, lora
+
+
+def qwen_config(size: str, param_dtype=jnp.bfloat16):
+    from edit_r1_jax.models.qwen2_5_vl.language import TextConfig
+    from edit_r1_jax.models.qwen2_5_vl.model import Qwen2_5_VLConfig
+    from edit_r1_jax.models.qwen2_5_vl.vision import VisionConfig
+
+    if size == "7b":
+        return Qwen2_5_VLConfig(dtype=param_dtype, param_dtype=param_dtype)  # its defaults are the 7B sizes
+    if size == "32b":  # Qwen/Qwen2.5-VL-32B-Instruct config.json
+        text = TextConfig(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                          num_attention_heads=40, num_key_value_heads=8, vocab_size=152064)
+        vision = VisionConfig(intermediate_size=3456, out_hidden_size=5120)
+        return Qwen2_5_VLConfig(vision_config=vision, text_config=text, dtype=param_dtype, param_dtype=param_dtype)
+    raise ValueError(f"--reward {size!r}: one of 7b, 32b, none")
+
+
+@functools.lru_cache(maxsize=4)
+def qwen_leaves(size: str, dtype_name: str = "bfloat16") -> list[Leaf]:
+    from edit_r1_jax.models.qwen2_5_vl.model import Qwen2_5_VL
+
+    cfg = qwen_config(size, jnp.dtype(dtype_name))
+    with _fast_tracing():
+        model = nnx.eval_shape(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))
+    return _leaves(model)
+
+
+@functools.lru_cache(maxsize=2)
+def vae_leaves(dtype_name: str = "float32") -> list[Leaf]:
+    from edit_r1_jax.models.flux.autoencoder import AutoencoderKL, AutoencoderKLConfig
+
+    cfg = AutoencoderKLConfig(dtype=jnp.dtype(dtype_name), param_dtype=jnp.dtype(dtype_name))
+    with _fast_tracing():
+        model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    return _leaves(model)
+
+
+@functools.lru_cache(maxsize=2)
+def text_encoder_leaves(dtype_name: str = "bfloat16") -> list[Leaf]:
+    """T5-XXL encoder + CLIP-L text tower (``edit_r1_jax.models.text``, default configs = the FLUX encoders)."""
+    from edit_r1_jax.models.text.clip import CLIPTextConfig, CLIPTextModel
+    from edit_r1_jax.models.text.t5 import T5Config, T5EncoderModel
+
+    dt = jnp.dtype(dtype_name)
+    with _fast_tracing():
+        t5 = nnx.eval_shape(lambda: T5EncoderModel(T5Config(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
+        clip = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
+    return _leaves(t5) + _leaves(clip)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharding arithmetic.
+
+
+def abstract_mesh(shape: dict[str, int]):
+    sizes = tuple(int(shape.get(a, 1)) for a in MESH_AXES)
+    return jax.sharding.AbstractMesh(sizes, MESH_AXES)
+
+
+def shard_elems(leaf: Leaf, mesh) -> int:
+    """Elements of ``leaf`` held by one device under the logical-axis rules."""
+    if not leaf.axes:
+        return leaf.size
+    spec = sharding_rules.partition_spec(leaf.axes, leaf.shape, mesh)
+    n = 1
+    for dim, entry in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
+        names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+        div = math.prod(mesh.shape[a] for a in names)
+        n *= dim // div
+    return n
+
+
+def per_device_bytes(leaves: Sequence[Leaf], mesh, itemsize: int | None = None) -> int:
+    return sum(shard_elems(leaf, mesh) * (itemsize or leaf.itemsize) for leaf in leaves)
+
+
+def total_bytes(leaves: Sequence[Leaf], itemsize: int | None = None) -> int:
+    return sum(leaf.size * (itemsize or leaf.itemsize) for leaf in leaves)
+
+
+def _block_leaves(base: Sequence[Leaf], prefix: str) -> dict[str, list[Leaf]]:
+    blocks: dict[str, list[Leaf]] = {}
+    for leaf in base:
+        if leaf.path.startswith(prefix + "."):
+            idx = leaf.path.split(".")[1]
+            blocks.setdefault(idx, []).append(leaf)
+    return blocks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan.
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    params: int
+    dtype: str
+    total: int
+    per_device: int
+    note: str = ""
+
+
+def _dtype_name(itemsize):
+    return {4: "float32", 2: "bfloat16", 1: "int8"}.get(itemsize, f"{itemsize}B")
+
+
+def activation_bytes(policy: str, *, micro_batch: int, tokens: int, dim: int, heads: int, rank: int,
+                     n_double: int, n_single: int, tensor: int, itemsize: int, xla_attention: bool) -> dict:
+    """Training activations per device (see the module docstring for the formula)."""
+    b, t, L = itemsize, tensor, tokens
+    heads_t = -(-heads // t) if heads % t == 0 else heads  # heads not divisible by t: replicated
+
+    def per_block(kind, pol):
+        e, h, r, attn = _SAVED[pol][kind]
+        elems_per_token = e * dim + h * dim / t + r * rank
+        out = elems_per_token * L * b
+        if xla_attention and attn == "probs":
+            out += heads_t * L * L * (4 + b)
+        elif xla_attention and attn == "scores":
+            out += heads_t * L * L * 4
+        return out
+
+    saved = n_double * per_block("double", policy) + n_single * per_block("single", policy)
+    saved += _OUTSIDE * L * dim * b
+    working = 0.0
+    if policy != "none":
+        working = max(per_block("double", "none"), per_block("single", "none"))
+    once = (3 * dim * dim + 1280 * dim) * 4  # float32 copies of the embedder weights, independent of B
+    return dict(policy=policy, saved=int(micro_batch * saved + once), working=int(micro_batch * working),
+                total=int(micro_batch * (saved + working) + once))
+
+
+def _reward_transient(size: str, per_device: int, resolution: int, tensor: int, itemsize: int) -> int:
+    if size == "none" or per_device == 0:
+        return 0
+    cfg = qwen_config(size).text_config
+    tokens = 2 * (resolution // 28) ** 2 + 128
+    per_token = 4 * cfg.hidden_size + (2 * cfg.intermediate_size + 3 * cfg.hidden_size) / tensor
+    vision = qwen_config(size).vision_config
+    vis = 2 * (resolution // 14) ** 2 * (4 * vision.hidden_size + 3 * vision.intermediate_size / tensor)
+    return int(per_device * (tokens * per_token + vis) * itemsize)
+
+
+def plan(config, mesh_shape: dict[str, int], chip: str, *, micro_batch: int | None = None,
+         reward: str | None = None, margin: float = 0.15, remat_policy: str | None = None) -> dict:
+    """Per-device memory plan for ``config`` on ``mesh_shape`` (axis -> size) and ``chip``. Returns a dict."""
+    if chip not in CHIPS:
+        raise ValueError(f"--chip {chip!r}: one of {sorted(CHIPS)}")
+    mesh_shape = {a: int(mesh_shape.get(a, 1)) for a in MESH_AXES}
+    for a, s in mesh_shape.items():
+        if s < 1:
+            raise ValueError(f"mesh axis {a}={s} must be >= 1")
+    mesh = abstract_mesh(mesh_shape)
+    devices = math.prod(mesh_shape.values())
+    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    tensor = mesh_shape["tensor"]
+    notes: list[str] = []
+
+    fcfg = flux_config(config)
+    base, lora = dit_leaves(fcfg)
+    rows: list[Row] = []
+
+    def add(name, leaves, note="", itemsize=None, copies=1):
+        rows.append(Row(name, copies * sum(l.size for l in leaves),
+                        _dtype_name(itemsize or (leaves[0].itemsize if leaves else 4)),
+                        copies * total_bytes(leaves, itemsize), copies * per_device_bytes(leaves, mesh, itemsize),
+                        note))
+
+    add("DiT base weights", base, "FLUX.1 transformer, frozen")
+    add("LoRA theta + theta_old + EMA", lora, "3 copies", itemsize=4, copies=3)
+    add("LoRA grads", lora, "accumulated over micro-batches", itemsize=4)
+    add("AdamW mu + nu", lora, "2 x LoRA", itemsize=4, copies=2)
+
+    reward = reward or ("7b" if "mllm" in config.reward.weights else "none")
+    if reward != "none":
+        add(f"reward Qwen2.5-VL-{reward.upper()}", qwen_leaves(reward), "frozen, bf16 assumed")
+    else:
+        rows.append(Row("reward model", 0, "-", 0, 0, "no MLLM reward"))
+    if config.data.text_cache:
+        rows.append(Row("text encoders T5-XXL + CLIP-L", 0, "-", 0, 0,
+                        "data.text_cache=True: embeddings come from the cache"))
+    else:
+        add("text encoders T5-XXL + CLIP-L", text_encoder_leaves(str(jnp.dtype(config.model.dtype))),
+            "data.text_cache=False: resident on device")
+    add("VAE (FLUX AutoencoderKL)", vae_leaves("float32"), "float32")
+
+    # FSDP: one block's weights gathered to full width (split only by tensor), current + prefetched.
+    gather = 0
+    if mesh_shape["fsdp"] > 1:
+        tmesh = abstract_mesh({"tensor": tensor})
+        blocks = list(_block_leaves(base, "transformer_blocks").values()) + \
+            list(_block_leaves(base, "single_transformer_blocks").values())
+        gather = 2 * max(per_device_bytes(blk, tmesh) for blk in blocks)
+    rows.append(Row("FSDP gather buffers", 0, "-", 0, gather, "2 blocks at full width" if gather else "fsdp=1"))
+
+    res = int(config.data.resolution)
+    img_tokens = (res // 16) ** 2
+    text_len = int(config.text.t5_length)
+    cdt = jnp.dtype(config.model.dtype).itemsize
+    per_epoch = (int(config.sample.group_size) * int(config.sample.groups_per_batch)
+                 * int(config.sample.num_batches_per_epoch))
+    per_sample = 2 * img_tokens * fcfg.in_channels * 4 + text_len * fcfg.joint_attention_dim * cdt \
+        + fcfg.pooled_projection_dim * 4
+    samples_dev = -(-per_epoch // batch_shards)
+    rows.append(Row("epoch sample buffers", 0, "-", per_epoch * per_sample, samples_dev * per_sample,
+                    f"{samples_dev} samples x (x0, ref latents, T5, pooled)"))
+
+    # Activations.
+    global_micro = int(config.train.micro_batch_size)
+    rollout = int(config.sample.rollout_batch_size)
+    batch_ok = global_micro % batch_shards == 0 and rollout % batch_shards == 0
+    if micro_batch is None:
+        micro_batch = -(-global_micro // batch_shards)
+        if not batch_ok:
+            notes.append(f"train.micro_batch_size={global_micro} / sample.rollout_batch_size={rollout} are not "
+                         f"divisible by data*fsdp={batch_shards} (config.validate rejects this); "
+                         f"estimated with {micro_batch} per device")
+    policy = remat_policy or str(config.model.remat_policy)
+    if policy not in _SAVED:
+        raise ValueError(f"model.remat_policy={policy!r}: one of {sorted(_SAVED)}")
+    impl = str(config.model.get("attention_impl", "") or "")
+    xla_attention = impl == "xla" or (impl == "" and chip not in GPU_CHIPS)
+    tokens = 2 * img_tokens + text_len
+    kw = dict(micro_batch=micro_batch, tokens=tokens, dim=fcfg.inner_dim, heads=fcfg.num_attention_heads,
+              rank=int(config.lora.rank), n_double=fcfg.num_layers, n_single=fcfg.num_single_layers,
+              tensor=tensor, itemsize=cdt, xla_attention=xla_attention)
+    acts = {p: activation_bytes(p, **kw) for p in REMAT_ORDER}
+    train_act = acts[policy]["total"]
+    rollout_dev = -(-rollout // batch_shards)
+    rollout_act = activation_bytes("none", **{**kw, "micro_batch": rollout_dev, "n_double": 1,
+                                              "n_single": 0})["total"]
+    reward_dev = -(-int(config.reward.batch_size) // batch_shards)
+    reward_act = _reward_transient(reward, reward_dev, res, tensor, 2)
+    vae_act = rollout_dev * 4 * res * res * 128 * 4
+
+    static = sum(r.per_device for r in rows)
+    peak = static + max(train_act, rollout_act, vae_act, reward_act)
+    hbm = CHIPS[chip]
+    usable = hbm * (1 - margin)
+    return dict(
+        chip=chip, hbm=hbm, margin=margin, usable=usable, mesh=mesh_shape, devices=devices,
+        micro_batch_per_device=micro_batch, batch_divisible=batch_ok, remat_policy=policy,
+        attention="xla (materialised)" if xla_attention else "flash (cudnn)", tokens=tokens, reward=reward,
+        rows=[dataclasses.asdict(r) for r in rows], static=static,
+        activations=acts, train_activations=train_act, rollout_transient=rollout_act,
+        reward_transient=reward_act, vae_transient=vae_act, peak=peak, fits=peak <= usable, headroom=usable - peak,
+        notes=notes,
+    )
+
+
+def candidate_meshes(devices: int) -> list[dict[str, int]]:
+    out = []
+    for tensor in range(1, min(MAX_TENSOR, devices) + 1):
+        if devices % tensor:
+            continue
+        rest = devices // tensor
+        for fsdp in range(1, rest + 1):
+            if rest % fsdp == 0:
+                out.append(dict(data=rest // fsdp, fsdp=fsdp, tensor=tensor))
+    return out
+
+
+def recommend(config, devices: int, chip: str, *, micro_batch: int | None = None, reward: str | None = None,
+              margin: float = 0.15) -> dict:
+    """Search the meshes over ``devices``; the fitting one with the least model sharding."""
+    configured = str(config.model.remat_policy)
+    for policy in dict.fromkeys((configured, "full")):
+        results = []
+        for shape in candidate_meshes(devices):
+            p = plan(config, shape, chip, micro_batch=micro_batch, reward=reward, margin=margin,
+                     remat_policy=policy)
+            if p["fits"] and (micro_batch is not None or p["batch_divisible"]):
+                results.append(p)
+        results.sort(key=lambda p: (p["mesh"]["fsdp"] * p["mesh"]["tensor"], p["mesh"]["tensor"], p["peak"]))
+        if results:
+            return dict(remat_policy=policy, changed_policy=policy != configured, best=results[0],
+                        alternatives=results[1:5])
+    return dict(remat_policy=None, changed_policy=False, best=None, alternatives=[])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()):
+    """``path.py[:variant]`` -> ConfigDict, with ``--config.a.b=value`` overrides applied (typed by the default)."""
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_plan_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise SystemExit(f"--config {spec}: cannot load {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(variant) if variant else module.get_config()
+    for item in overrides:
+        if not item.startswith("--config.") or "=" not in item:
+            raise SystemExit(f"unknown argument {item!r} (overrides look like --config.train.micro_batch_size=96)")
+        key, value = item[len("--config."):].split("=", 1)
+        parent = config
+        *head, last = key.split(".")
+        for k in head:
+            parent = parent[k]
+        if last not in parent:
+            raise SystemExit(f"--config.{key}: no such field")
+        old = parent[last]
+        if isinstance(old, bool):
+            new = value.lower() in ("1", "true", "yes")
+        elif isinstance(old, (int, float, str)) and not isinstance(old, bool):
+            new = type(old)(value)
+        else:
+            new = ast.literal_eval(value)
+        parent[last] = new
+    return config
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    shape = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        name = name.strip()
+        if name not in MESH_AXES or not size.strip().lstrip("-").isdigit():
+            raise SystemExit(f"--mesh {text!r}: expected e.g. data=4,fsdp=8,tensor=1 (axes {MESH_AXES})")
+        shape[name] = int(size)
+    if any(v < 1 for v in shape.values()):
+        raise SystemExit(f"--mesh {text!r}: sizes must be >= 1 (the device count is their product)")
+    return {a: shape.get(a, 1) for a in MESH_AXES}
+
+
+def _gb(x) -> str:
+    return f"{x / GB:8.2f}"
+
+
+def format_plan(p: dict) -> str:
+    m = p["mesh"]
+    lines = [f"mesh data={m['data']},fsdp={m['fsdp']},tensor={m['tensor']} ({p['devices']} devices) on "
+             f"{p['chip']} ({p['hbm'] / GB:.0f} GB HBM); micro-batch {p['micro_batch_per_device']}/device, "
+             f"{p['tokens']} tokens/sample, attention {p['attention']}",
+             f"{'component':34s} {'params':>14s} {'dtype':>9s} {'total GB':>9s} {'GB/device':>9s}  note",
+             "-" * 100]
+    for r in p["rows"]:
+        params = f"{r['params']:,}" if r["params"] else "-"
+        lines.append(f"{r['name']:34s} {params:>14s} {r['dtype']:>9s} {_gb(r['total']):>9s} "
+                     f"{_gb(r['per_device']):>9s}  {r['note']}")
+    lines.append(f"{'static total':34s} {'':>14s} {'':>9s} {'':>9s} {_gb(p['static']):>9s}")
+    lines.append("-" * 100)
+    for name, a in p["activations"].items():
+        mark = "*" if name == p["remat_policy"] else " "
+        lines.append(f"{mark} activations remat={name:32s} saved {_gb(a['saved'])} + working {_gb(a['working'])}"
+                     f" = {_gb(a['total'])} GB")
+    lines.append(f"  rollout transient {_gb(p['rollout_transient']).strip()} GB, VAE decode transient "
+                 f"{_gb(p['vae_transient']).strip()} GB, reward transient {_gb(p['reward_transient']).strip()} GB")
+    verdict = "FITS" if p["fits"] else "DOES NOT FIT"
+    lines.append(f"peak = static + max(train[{p['remat_policy']}], rollout, VAE, reward) = {p['peak'] / GB:.2f} GB; "
+                 f"usable {p['usable'] / GB:.2f} GB ({p['hbm'] / GB:.0f} GB x (1 - {p['margin']})): {verdict} "
+                 f"(headroom {p['headroom'] / GB:+.2f} GB)")
+    for n in p["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def format_recommendation(r: dict, devices: int, chip: str) -> str:
+    if r["best"] is None:
+        return (f"recommended mesh: none of the meshes over {devices} {chip} devices fits, even with remat 'full' "
+                f"(reduce the micro-batch or use a bigger chip)")
+    b = r["best"]
+    m = b["mesh"]
+    out = [f"recommended mesh for {devices} x {chip}: --config.mesh.data={m['data']} --config.mesh.fsdp={m['fsdp']} "
+           f"--config.mesh.tensor={m['tensor']} (peak {b['peak'] / GB:.2f} GB, remat {r['remat_policy']}"
+           + (", changed from the configured policy: nothing fits with it" if r["changed_policy"] else "") + ")"]
+    for a in r["alternatives"]:
+        am = a["mesh"]
+        out.append(f"  also fits: data={am['data']},fsdp={am['fsdp']},tensor={am['tensor']} "
+                   f"(peak {a['peak'] / GB:.2f} GB)")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edit_r1_jax.plan", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
+    parser.add_argument("--mesh", help="data=D,fsdp=F,tensor=T (device count = product)")
+    parser.add_argument("--devices", type=int, help="device count for the mesh search when --mesh is not given")
+    parser.add_argument("--chip", required=True, choices=sorted(CHIPS))
+    parser.add_argument("--micro-batch", type=int, help="micro-batch PER DEVICE (default: "
+                        "config.train.micro_batch_size / (data*fsdp))")
+    parser.add_argument("--reward", choices=("7b", "32b", "none"), help="default: 7b if reward.weights has mllm")
+    parser.add_argument("--margin", type=float, default=0.15, help="HBM fraction kept free (default 0.15)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args, rest = parser.parse_known_args(argv)
+    if args.mesh is None and args.devices is None:
+        parser.error("give --mesh data=D,fsdp=F,tensor=T or --devices N")
+    config = load_config(args.config, rest)
+    kw = dict(micro_batch=args.micro_batch, reward=args.reward, margin=args.margin)
+    result: dict[str, Any] = {}
+    if args.mesh is not None:
+        shape = parse_mesh(args.mesh)
+        result["plan"] = plan(config, shape, args.chip, **kw)
+        devices = result["plan"]["devices"]
+    else:
+        devices = args.devices
+    result["recommendation"] = recommend(config, devices, args.chip, **kw)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1, default=float)
+        print()
+    else:
+        if "plan" in result:
+            print(format_plan(result["plan"]))
+            print()
+        elif result["recommendation"]["best"] is not None:
+            print(format_plan(result["recommendation"]["best"]))
+            print()
+        print(format_recommendation(result["recommendation"], devices, args.chip))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
