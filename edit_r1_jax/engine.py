@@ -65,10 +65,17 @@ def sample(policy: Policy, base, lora, cond, key, global_index, sigmas, solver: 
 
 def make_optimizer(c) -> optax.GradientTransformation:
     """AdamW over the LoRA of theta with global-norm clipping (spec B.6)."""
-    return optax.chain(
-        optax.clip_by_global_norm(c.train.max_grad_norm),
-        optax.adamw(c.train.learning_rate, b1=c.train.adam_b1, b2=c.train.adam_b2, eps=c.train.adam_eps,
-                     weight_decay=c.train.weight_decay))
+    t = c.train
+    return _adamw(float(t.max_grad_norm), float(t.learning_rate), float(t.adam_b1), float(t.adam_b2),
+                  float(t.adam_eps), float(t.weight_decay))
+
+
+@functools.lru_cache(maxsize=None)
+def _adamw(max_grad_norm, lr, b1, b2, eps, weight_decay) -> optax.GradientTransformation:
+    # Cached: the optimizer is a static argument of train_step, so equal settings must give the same object
+    # for jit's cache to hit (resume in the same process, tests).
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm),
+                       optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
 
 
 def init_state(theta, tx: optax.GradientTransformation, key) -> dict[str, Any]:

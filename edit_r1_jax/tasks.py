@@ -96,33 +96,14 @@ class ToyTask:
             log.info("warm start: loading %s", path)
             return weights.load_state(path, abstract, jax.tree.map(lambda s: s.sharding, abstract))
         log.info("warm start: %d steps of supervised flow matching (batch %d)", w.steps, w.batch_size)
-        tx = optax.adam(float(w.learning_rate))
+        tx = _adam(float(w.learning_rate))
         opt = tx.init(base)
-        policy = self.policy
-
-        @jax.jit
-        def step(base, opt, key, idx):
-            src = jnp.asarray(self.train_rows["source"])[idx]
-            tgt = latents.pack(jnp.asarray(self.train_rows["target"])[idx])
-            cond = {"ref": latents.pack(src), "text": jnp.asarray(self.train_rows["tokens"])[idx],
-                    "pooled": jnp.asarray(self.train_rows["pooled"])[idx]}
-            k1, k2 = jax.random.split(key)
-            eps = jax.random.normal(k1, tgt.shape)
-            t = jax.nn.sigmoid(jax.random.normal(k2, (tgt.shape[0],)))  # logit-normal, as SD3/Flux training
-            x_t = (1 - t[:, None, None]) * tgt + t[:, None, None] * eps
-
-            def loss_fn(b):
-                return jnp.mean((policy.velocity(b, None, x_t, t, cond) - (eps - tgt)) ** 2)
-
-            loss, g = jax.value_and_grad(loss_fn)(base)
-            upd, opt = tx.update(g, opt, base)
-            return optax.apply_updates(base, upd), opt, loss
-
+        data = {k: jnp.asarray(self.train_rows[k]) for k in ("source", "target", "tokens", "pooled")}
         rng = np.random.default_rng(self.c.seed)
         key = jax.random.key(self.c.seed + 7)
         for i in range(int(w.steps)):
             idx = rng.integers(0, self.num_train_rows, int(w.batch_size))
-            base, opt, loss = step(base, opt, jax.random.fold_in(key, i), idx)
+            base, opt, loss = _warm_step(self.policy, tx, base, opt, jax.random.fold_in(key, i), data, idx)
             if i % 100 == 0 or i == w.steps - 1:
                 writer.write(i, {"warmup/flow_matching_loss": float(loss)})
                 log.info("warm start step %d: loss %.4f", i, float(loss))
@@ -173,3 +154,26 @@ class ToyTask:
     def eval_extra_metrics(self, rewards) -> dict[str, float]:
         return {"eval/success_rate": float(np.nanmean(rewards >= self.c.toy.success_threshold))}
 
+
+
+@functools.lru_cache(maxsize=None)
+def _adam(lr: float):
+    return optax.adam(lr)
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "tx"), donate_argnames=("base", "opt"))
+def _warm_step(policy: engine.Policy, tx, base, opt, key, data, idx):
+    """One supervised flow-matching step on (source, instruction) -> target, all base parameters."""
+    src, tgt = data["source"][idx], latents.pack(data["target"][idx])
+    cond = {"ref": latents.pack(src), "text": data["tokens"][idx], "pooled": data["pooled"][idx]}
+    k1, k2 = jax.random.split(key)
+    eps = jax.random.normal(k1, tgt.shape)
+    t = jax.nn.sigmoid(jax.random.normal(k2, (tgt.shape[0],)))  # logit-normal, as in SD3/Flux training
+    x_t = (1 - t[:, None, None]) * tgt + t[:, None, None] * eps
+
+    def loss_fn(b):
+        return jnp.mean((policy.velocity(b, None, x_t, t, cond) - (eps - tgt)) ** 2)
+
+    loss, g = jax.value_and_grad(loss_fn)(base)
+    upd, opt = tx.update(g, opt, base)
+    return optax.apply_updates(base, upd), opt, loss
