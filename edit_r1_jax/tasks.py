@@ -29,6 +29,7 @@ from edit_r1_jax.data import toy
 from edit_r1_jax.diffusion import latents, schedule
 from edit_r1_jax.models import lora as lora_lib
 from edit_r1_jax.models.flux.modeling import FluxConfig, FluxTransformer
+from edit_r1_jax.parallel import distributed
 from edit_r1_jax.parallel import rules
 from edit_r1_jax.rewards import registry as reward_registry
 
@@ -98,12 +99,13 @@ class ToyTask:
         log.info("warm start: %d steps of supervised flow matching (batch %d)", w.steps, w.batch_size)
         tx = _adam(float(w.learning_rate))
         opt = tx.init(base)
-        data = {k: jnp.asarray(self.train_rows[k]) for k in ("source", "target", "tokens", "pooled")}
+        data = distributed.replicate(self.mesh, {k: self.train_rows[k] for k in ("source", "target", "tokens", "pooled")})
         rng = np.random.default_rng(self.c.seed)
         key = jax.random.key(self.c.seed + 7)
         for i in range(int(w.steps)):
             idx = rng.integers(0, self.num_train_rows, int(w.batch_size))
-            base, opt, loss = _warm_step(self.policy, tx, base, opt, jax.random.fold_in(key, i), data, idx)
+            idx, k = distributed.replicate(self.mesh, (idx, jax.random.key_data(jax.random.fold_in(key, i))))
+            base, opt, loss = _warm_step(self.policy, tx, base, opt, jax.random.wrap_key_data(k), data, idx)
             if i % 100 == 0 or i == w.steps - 1:
                 writer.write(i, {"warmup/flow_matching_loss": float(loss)})
                 log.info("warm start step %d: loss %.4f", i, float(loss))

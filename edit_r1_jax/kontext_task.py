@@ -1,0 +1,159 @@
+"""The paper's task: FLUX.1-Kontext editing of a jsonl dataset, rewarded by Qwen2.5-VL (spec A, D, F).
+
+The DiT base is loaded straight onto the mesh (each host reads its shards), LoRA adapters added; the VAE is
+replicated (84M parameters); instruction embeddings come from the text cache (``python -m
+edit_r1_jax.embed_text``) so T5-XXL never occupies accelerator memory, or from the text encoders on the fly when
+``data.text_cache`` is False. The MLLM reward runs in-process, sharded on the same mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from edit_r1_jax import engine
+from edit_r1_jax.data import source as data_source
+from edit_r1_jax.data.images import to_model_range
+from edit_r1_jax.diffusion import latents, schedule
+from edit_r1_jax.models.flux.autoencoder_params import load_vae
+from edit_r1_jax.models.flux.modeling import FluxConfig, FluxTransformer
+from edit_r1_jax.models.lora import LoRAParam, split_policy
+from edit_r1_jax.parallel import rules
+from edit_r1_jax.rewards import registry as reward_registry
+from edit_r1_jax.tasks import lora_config
+from edit_r1_jax.weights import load_state, read_config
+
+log = logging.getLogger(__name__)
+
+
+def load_policy_model(model_dir: Path, c, mesh):
+    """(graphdef, base, lora) of the converted DiT with LoRA adapters, base loaded onto the mesh."""
+    lcfg = lora_config(c)
+    cfg = FluxConfig.from_diffusers(read_config(model_dir), dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+                                    remat_policy=c.model.remat_policy, attention_impl=c.model.attention_impl or None,
+                                    lora=lcfg)
+    abstract = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, lora_abs, base_abs = nnx.split(abstract, LoRAParam, ...)
+    base = load_state(model_dir, base_abs, rules.state_shardings(base_abs, mesh))
+    lora = init_lora(lora_abs, jax.random.key(c.seed), lcfg.std, rules.state_shardings(lora_abs, mesh))
+    return split_policy(nnx.merge(graphdef, base, lora))
+
+
+def init_lora(abstract, key, std: float, shardings):
+    """PEFT "gaussian" init: lora_a ~ N(0, std^2), lora_b = 0, float32, placed per ``shardings``."""
+    flat = nnx.to_flat_state(abstract)
+    sflat = dict(nnx.to_flat_state(shardings))
+    out = []
+    for i, (path, v) in enumerate(flat):
+        shape = v.get_value().shape
+        sh = sflat[path].get_value() if isinstance(sflat[path], nnx.Variable) else sflat[path]
+        if path[-1] == "lora_a":
+            value = jax.jit(lambda k: std * jax.random.normal(k, shape, jnp.float32), out_shardings=sh)(
+                jax.random.fold_in(key, i))
+        else:
+            value = jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sh)()
+        out.append((path, v.replace(value)))
+    return nnx.from_flat_state(out)
+
+
+class KontextTask:
+    def __init__(self, c, mesh, run_dir: Path, writer):
+        del run_dir, writer
+        self.c, self.mesh = c, mesh
+        model_dir = Path(c.model.dir)
+        res = int(c.data.resolution)
+        self.rows = {"train": data_source.read_metadata(c.data.root, "train"),
+                     "test": data_source.read_metadata(c.data.root, "test")}
+        self.sources = {s: data_source.EditSource(r, res, str(data_source._metadata_path(c.data.root, s)))
+                        for s, r in self.rows.items()}
+        self.num_train_rows = len(self.rows["train"])
+        graphdef, self.base, self.lora_init = load_policy_model(model_dir / "transformer", c, mesh)
+        self.vae = load_vae(model_dir / "vae", dtype=jnp.dtype(c.model.dtype))
+        self.vae_graph, vae_state = nnx.split(self.vae)
+        self.vae_state = jax.device_put(vae_state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        h = res // (self.vae.cfg.scale_factor * 2)
+        self.grid = h
+        tokens = h * h
+        self.policy = engine.Policy(graphdef, latents.kontext_ids(h, h), latents.text_ids(int(c.text.t5_length)),
+                                    float(c.sample.guidance), (tokens, 4 * self.vae.cfg.latent_channels))
+        self.sigmas_train = schedule.sigmas(int(c.sample.num_steps), tokens)
+        self.sigmas_eval = schedule.sigmas(int(c.eval.num_steps), tokens)
+        if c.data.text_cache:
+            from edit_r1_jax.embed_text import TextCache
+
+            self.text = {s: TextCache(c.data.root, s, model_dir) for s in ("train", "test")}
+            self.encoders = None
+        else:
+            from edit_r1_jax.models.text.encoders import TextEncoders
+
+            self.encoders = TextEncoders.from_pretrained(model_dir, t5_length=int(c.text.t5_length),
+                                                         clip_length=int(c.text.clip_length))
+        reg = reward_registry.Registry()
+        for name in reward_registry.default_registry.names():
+            reg.register(name, reward_registry.default_registry.get(name))
+        if "mllm" in c.reward.weights:
+            from edit_r1_jax.rewards.mllm import MLLMReward
+
+            mllm = MLLMReward(c.reward.mllm_dir, mesh=mesh, jpeg=bool(c.reward.jpeg_roundtrip))
+            reg.register("mllm", lambda b: mllm(b["source"], b["image"], b["prompt"], b["requirement"]))
+        self.reward_fn = reg.combine(dict(c.reward.weights), c.reward.on_error)
+
+    def init_lora(self):
+        return self.lora_init
+
+    def inputs(self, rows, split: str = "train") -> dict[str, np.ndarray]:
+        items = [self.sources[split][int(r)] for r in rows]
+        prompts = [it["prompt"] for it in items]
+        if self.encoders is None:
+            embeds, pooled = self.text[split].lookup(prompts)
+        else:
+            embeds, pooled = self.encoders(prompts)
+        return {"source": np.stack([to_model_range(it["image"]) for it in items]).astype(np.float32),
+                "text": np.asarray(embeds, np.float32), "pooled": np.asarray(pooled, np.float32)}
+
+    def encode(self, inputs):
+        return _encode(self.vae_graph, self.vae_state, inputs)
+
+    def decode(self, x0):
+        return _decode(self.vae_graph, self.grid, self.vae_state, x0)
+
+    def reward(self, rows, inputs, images, index, split: str = "train"):
+        items = [self.rows[split][int(r)] for r in rows]
+        batch = {"image": images, "source": (inputs["source"] + 1) / 2, "prompt": [r.prompt for r in items],
+                 "requirement": [r.requirement for r in items], "index": np.asarray(index)}
+        total, info = self.reward_fn(batch)
+        valid = info.pop("valid")
+        info.pop("num_masked")
+        return total, info, valid
+
+    def source_images(self, inputs):
+        return (inputs["source"] + 1) / 2
+
+    def caption(self, row, split: str = "train") -> str:
+        return self.rows[split][int(row)].prompt
+
+    def eval_rows(self, n: int) -> np.ndarray:
+        return np.arange(min(n, len(self.rows["test"])))
+
+    def eval_extra_metrics(self, rewards) -> dict[str, float]:
+        return {}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(vae_graph, vae_state, inputs):
+    vae = nnx.merge(vae_graph, vae_state)
+    ref = latents.pack(vae.encode_normalized(inputs["source"]).astype(jnp.float32))
+    return {"ref": ref, "text": inputs["text"], "pooled": inputs["pooled"]}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decode(vae_graph, grid: int, vae_state, x0):
+    vae = nnx.merge(vae_graph, vae_state)
+    x = vae.decode_normalized(latents.unpack(x0, 2 * grid, 2 * grid)).astype(jnp.float32)
+    return jnp.clip(x / 2 + 0.5, 0.0, 1.0)
