@@ -1,0 +1,91 @@
+"""``python -m edit_r1_jax.embed_text``: metadata validation, cache build, lookup, incremental update and
+detection of a changed encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from edit_r1_jax.embed_text import MetadataError, StaleCacheError, TextCache, main, read_metadata
+from edit_r1_jax.models.text.encoders import TextEncoders
+from kontext_tiny import T5_LENGTH, build_pipeline
+from tools.convert_weights.__main__ import main as convert_main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("text")
+    pipe = build_pipeline(with_text=True)
+    pipe.save_pretrained(tmp / "pipe")
+    out = tmp / "model"
+    convert_main(["clip-text", "--src", str(tmp / "pipe/text_encoder"), "--tokenizer", str(tmp / "pipe/tokenizer"),
+                  "--dst", str(out / "text_encoder")])
+    convert_main(["t5-encoder", "--src", str(tmp / "pipe/text_encoder_2"), "--tokenizer",
+                  str(tmp / "pipe/tokenizer_2"), "--dst", str(out / "text_encoder_2")])
+    return out
+
+
+def _write(data, lines):
+    data.mkdir(exist_ok=True)
+    (data / "train_metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _item(prompt, image="images/a.png", **kw):
+    return json.dumps({"prompt": prompt, "image": image, **kw})
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("{not json", "not valid JSON"),
+    ('["a list"]', "expected a JSON object"),
+    ('{"image": "x.png"}', "missing required key 'prompt'"),
+    ('{"prompt": 3, "image": "x.png"}', "'prompt' must be a string"),
+    ('{"prompt": "  ", "image": "x.png"}', "empty 'prompt'"),
+])
+def test_malformed_lines(tmp_path, line, msg):
+    _write(tmp_path, [_item("make the sky red"), "", line])
+    with pytest.raises(MetadataError, match=rf"train_metadata\.jsonl:3: {msg}"):
+        read_metadata(tmp_path / "train_metadata.jsonl")
+
+
+def test_build_lookup_update_and_stale(tmp_path, model_dir):
+    data = tmp_path / "data"
+    _write(data, [_item("make the sky red", requirement="r"), _item("turn the cat into a dog"),
+                  _item("make the sky red", image="images/b.png")])
+    args = ["--model", str(model_dir), "--data", str(data), "--t5-length", str(T5_LENGTH)]
+    assert main(args) == 0
+    cache = TextCache(data, "train", model_dir=model_dir)
+    assert len(cache) == 2 and "make the sky red" in cache
+    enc = TextEncoders.from_pretrained(model_dir, t5_length=T5_LENGTH)
+    prompts = ["turn the cat into a dog", "make the sky red"]
+    e, p = cache.lookup(prompts)
+    re_, rp = enc.encode(prompts)
+    assert e.shape == (2, T5_LENGTH, 32) and p.shape == (2, 16)
+    np.testing.assert_array_equal(e, re_)  # float32 storage: bit-exact
+    np.testing.assert_array_equal(p, rp)
+    with pytest.raises(KeyError, match="not in text cache"):
+        cache.lookup(["make the sky blue"])
+
+    # a new instruction: only it is encoded, old rows are kept bit-exactly
+    _write(data, [_item("make the sky red"), _item("turn the cat into a dog"), _item("add a hat")])
+    assert main(args) == 0
+    cache2 = TextCache(data, "train")
+    assert len(cache2) == 3
+    np.testing.assert_array_equal(cache2.lookup(prompts)[0], e)
+    np.testing.assert_array_equal(cache2.lookup(["add a hat"])[1], enc.encode(["add a hat"])[1])
+
+    # a changed encoder (weights file rewritten -> new mtime) is detected
+    params = model_dir / "text_encoder" / "params.safetensors"
+    st = params.stat()
+    os.utime(params, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(StaleCacheError):
+        TextCache(data, "train", model_dir=model_dir)
+    assert main(args) == 0  # rebuilt
+    assert TextCache(data, "train", model_dir=model_dir).fingerprint != cache.fingerprint
+
+
+def test_missing_cache(tmp_path):
+    with pytest.raises(FileNotFoundError, match="embed_text"):
+        TextCache(tmp_path, "test")
