@@ -9,6 +9,7 @@ edit_r1_jax.embed_text``) so T5-XXL never occupies accelerator memory, or from t
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -20,11 +21,12 @@ from flax import nnx
 from edit_r1_jax import engine
 from edit_r1_jax.data import source as data_source
 from edit_r1_jax.data.images import to_model_range
-from edit_r1_jax.diffusion import latents, schedule
+from edit_r1_jax.diffusion import latents
 from edit_r1_jax.models.flux.autoencoder_params import load_vae
 from edit_r1_jax.models.flux.modeling import FluxConfig, FluxTransformer
 from edit_r1_jax.models.lora import LoRAParam, split_policy
 from edit_r1_jax.parallel import rules
+from edit_r1_jax.pipeline import ScheduleConfig
 from edit_r1_jax.rewards import registry as reward_registry
 from edit_r1_jax.tasks import lora_config
 from edit_r1_jax.weights import load_state, read_config
@@ -82,8 +84,10 @@ class KontextTask:
         tokens = h * h
         self.policy = engine.Policy(graphdef, latents.kontext_ids(h, h), latents.text_ids(int(c.text.t5_length)),
                                     float(c.sample.guidance), (tokens, 4 * self.vae.cfg.latent_channels))
-        self.sigmas_train = schedule.sigmas(int(c.sample.num_steps), tokens)
-        self.sigmas_eval = schedule.sigmas(int(c.eval.num_steps), tokens)
+        sched_file = model_dir / "scheduler" / "scheduler_config.json"
+        sched = ScheduleConfig(json.loads(sched_file.read_text()) if sched_file.exists() else None)
+        self.sigmas_train = sched.sigmas(int(c.sample.num_steps), tokens)
+        self.sigmas_eval = sched.sigmas(int(c.eval.num_steps), tokens)
         if c.data.text_cache:
             from edit_r1_jax.embed_text import TextCache
 

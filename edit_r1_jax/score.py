@@ -1,0 +1,103 @@
+"""Score edits with the MLLM reward.
+
+    python -m edit_r1_jax.score --model DIR --source a.png --edited b.png --instruction "..." [--requirement ...]
+    python -m edit_r1_jax.score --model DIR --jsonl pairs.jsonl
+
+Each jsonl line: {"source": PATH, "edited": PATH, "instruction": STR, "requirement": STR (optional)}; relative
+paths are resolved against the jsonl's folder. Prints one JSON line per pair: score and the 0..5 distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _load_image(path: Path, where: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - re-raised naming the input
+        raise SystemExit(f"{where}: cannot read image {path}: {e}") from e
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{where}: invalid JSON: {e}") from e
+        if not isinstance(row, dict):
+            raise SystemExit(f"{where}: expected a JSON object")
+        missing = [k for k in ("source", "edited", "instruction") if k not in row]
+        if missing:
+            raise SystemExit(f"{where}: missing fields {missing}")
+        rows.append({"where": where, "source": _load_image(path.parent / row["source"], where),
+                     "edited": _load_image(path.parent / row["edited"], where),
+                     "instruction": str(row["instruction"]), "requirement": str(row.get("requirement", "") or ""),
+                     "source_path": row["source"], "edited_path": row["edited"]})
+    if not rows:
+        raise SystemExit(f"{path}: no pairs")
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m edit_r1_jax.score", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="converted Qwen2.5-VL directory (tools.convert_weights qwen2.5-vl)")
+    p.add_argument("--source")
+    p.add_argument("--edited")
+    p.add_argument("--instruction")
+    p.add_argument("--requirement", default="")
+    p.add_argument("--jsonl", help="score many pairs")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--jpeg", action="store_true", help="JPEG q75 round trip of both images (reference client)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.jsonl:
+        if args.source or args.edited or args.instruction:
+            raise SystemExit("--jsonl excludes --source/--edited/--instruction")
+        rows = read_jsonl(Path(args.jsonl))
+    else:
+        if not (args.source and args.edited and args.instruction is not None):
+            raise SystemExit("need --source, --edited and --instruction (or --jsonl)")
+        rows = [{"where": "command line", "source": _load_image(Path(args.source), "--source"),
+                 "edited": _load_image(Path(args.edited), "--edited"), "instruction": args.instruction,
+                 "requirement": args.requirement, "source_path": args.source, "edited_path": args.edited}]
+
+    import jax.numpy as jnp
+
+    from edit_r1_jax.rewards.mllm import MLLMReward, RewardError
+
+    reward = MLLMReward(args.model, dtype=getattr(jnp, args.dtype), jpeg=args.jpeg)
+    for start in range(0, len(rows), args.batch_size):
+        chunk = rows[start:start + args.batch_size]
+        try:
+            scores, dist = reward.score([r["source"] for r in chunk], [r["edited"] for r in chunk],
+                                        [r["instruction"] for r in chunk], [r["requirement"] for r in chunk])
+        except RewardError as e:
+            raise SystemExit(f"pairs {chunk[0]['where']} .. {chunk[-1]['where']} (sample index within the "
+                             f"chunk): {e}") from e
+        for r, s, d in zip(chunk, scores, dist):
+            print(json.dumps({"source": r["source_path"], "edited": r["edited_path"], "score": round(float(s), 6),
+                              "distribution": {str(k): round(float(v), 6) for k, v in enumerate(d)}}))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
