@@ -1,0 +1,190 @@
+"""LoRA for Flax NNX models: a LoRA-aware ``Linear`` and a base/adapter split that shares base weights.
+
+Model side
+    ``LoRAConfig(rank=32, alpha=64.0, targets=(...), init_std=None)`` (PEFT ``LoraConfig`` semantics:
+    ``scale = alpha / rank``, A ~ N(0, init_std^2) with ``init_std=None -> 1/rank`` = PEFT "gaussian", B = 0).
+    A model builds its linears with ``Linear(in, out, ..., path="transformer_blocks.3.attn.to_q", lora=cfg)``;
+    the layer gets ``lora_a [in, r]`` and ``lora_b [r, out]`` (``LoRAParam``, always float32) when
+    ``lora_targeted(path, cfg)``: the dotted module path ends with one of ``cfg.targets`` on a ``.`` boundary
+    (``"to_out.0"`` matches ``...attn.to_out.0``). ``y = x @ W + b + ((x @ A) @ B) * scale`` with the matmuls in the
+    compute dtype (PEFT order of operations).
+
+Functional side (what the trainer uses; all of it works inside ``jax.jit`` / ``jax.grad``)
+    ``graphdef, base_state, lora_state = split_policy(model)``
+        ``base_state``: every non-LoRA variable (nnx.State, ``nnx.Param``); ``lora_state``: only ``LoRAParam``s.
+        The base weights exist once; any number of LoRA pytrees (theta, theta_old, EMA) share them.
+    ``apply(graphdef, base_state, lora_state_or_None, *args, fn=None, **kwargs)``
+        Rebuilds the module from the split (no copy of base arrays: ``nnx.merge`` wraps the given arrays) and
+        returns ``fn(model, *args, **kwargs)`` (default ``model(*args, **kwargs)``). ``lora_state=None`` runs the
+        base model only (the LoRA branch is skipped entirely, not multiplied by zero) = PEFT ``disable_adapter``.
+        ``graphdef`` is static: close over it (``functools.partial``) or mark it static in ``jax.jit``.
+        Gradients w.r.t. LoRA only: ``jax.grad(lambda l: loss(apply(g, base, l, ...)))(lora_state)``.
+    ``merge_lora_state(model, lora_state)`` puts a LoRA pytree into a stateful model (``nnx.update``).
+    ``lora_to_flat(lora_state) / lora_from_flat(flat, template)``: ``{dotted path: array}`` dict <-> State, used
+        by checkpointing and the PEFT exporter (``edit_r1_jax.models.flux.params``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from edit_r1_jax.parallel import rules
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 32
+    alpha: float = 64.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    init_std: float | None = None  # None -> 1/rank (PEFT init_lora_weights="gaussian")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / float(self.rank)
+
+    @property
+    def std(self) -> float:
+        return 1.0 / self.rank if self.init_std is None else float(self.init_std)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "LoRAConfig | None":
+        if d is None:
+            return None
+        if isinstance(d, LoRAConfig):
+            return d
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class LoRAParam(nnx.Variable):
+    """LoRA adapter weights (kept apart from ``nnx.Param`` so the base/adapter split is a type filter)."""
+
+
+def lora_targeted(path: str, cfg: LoRAConfig | None) -> bool:
+    if cfg is None or not path:
+        return False
+    return any(path == t or path.endswith("." + t) for t in cfg.targets)
+
+
+class Linear(nnx.Module):
+    """Dense layer with kernel ``[in, out]`` (logical axes ``axes``), optional bias and optional LoRA."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str | None] = (None, None),
+                 use_bias: bool = True, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 path: str = "", lora: LoRAConfig | None = None, rngs: nnx.Rngs,
+                 kernel_init: Callable | None = None):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = jnp.dtype(dtype)
+        self.path = path
+        axes = tuple(axes)
+        init = kernel_init or nnx.initializers.lecun_normal()
+        self.kernel = rules.param(init(rngs.params(), (in_features, out_features), jnp.dtype(param_dtype)), axes)
+        self.bias = (rules.param(jnp.zeros((out_features,), jnp.dtype(param_dtype)), (axes[1],))
+                     if use_bias else None)
+        self.lora_enabled = lora_targeted(path, lora)
+        if self.lora_enabled:
+            self.lora_scale = lora.scale
+            a = lora.std * jax.random.normal(rngs.params(), (in_features, lora.rank), jnp.float32)
+            self.lora_a = rules.param(a, (axes[0], "lora_rank"), LoRAParam)
+            self.lora_b = rules.param(jnp.zeros((lora.rank, out_features), jnp.float32), ("lora_rank", axes[1]),
+                                      LoRAParam)
+        else:
+            self.lora_scale = 0.0
+            self.lora_a = None
+            self.lora_b = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        x = x.astype(dt)
+        y = jnp.dot(x, self.kernel[...].astype(dt))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dt)
+        if self.lora_enabled and self.lora_a is not None:
+            h = jnp.dot(x, self.lora_a[...].astype(dt))
+            y = y + jnp.dot(h, self.lora_b[...].astype(dt)) * jnp.asarray(self.lora_scale, dt)
+        return y
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Functional split / apply.
+
+_LORA_TEMPLATES: dict[Any, Any] = {}
+
+
+def split_policy(model: nnx.Module):
+    """``(graphdef, base_state, lora_state)``; registers the LoRA structure so ``apply(..., None)`` works."""
+    graphdef, lora_state, base_state = nnx.split(model, LoRAParam, ...)
+    _LORA_TEMPLATES[graphdef] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora_state)
+    return graphdef, base_state, lora_state
+
+
+def _placeholder(graphdef):
+    try:
+        return _LORA_TEMPLATES[graphdef]
+    except KeyError:
+        raise KeyError("apply(..., lora_state=None) needs a graphdef produced by split_policy()") from None
+
+
+def merge(graphdef, base_state, lora_state) -> nnx.Module:
+    """Module view of (base, lora); ``lora_state=None`` -> LoRA branches disabled."""
+    if lora_state is None:
+        # Zero-size stand-ins: the disabled LoRA branches never read them (and they are valid jax arrays, so
+        # nnx.remat / jax.checkpoint inside the model accept them).
+        placeholder = jax.tree.map(lambda s: jnp.zeros((0,), s.dtype), _placeholder(graphdef))
+        model = nnx.merge(graphdef, base_state, placeholder)
+        for _, m in model.iter_modules():
+            if isinstance(m, Linear) and m.lora_enabled:
+                m.lora_enabled = False
+        return model
+    return nnx.merge(graphdef, base_state, lora_state)
+
+
+def apply(graphdef, base_state, lora_state, *args, fn: Callable | None = None, **kwargs):
+    """Run ``fn(model, *args, **kwargs)`` (default ``model(*args, **kwargs)``) with base + given LoRA (or none)."""
+    model = merge(graphdef, base_state, lora_state)
+    if fn is None:
+        return model(*args, **kwargs)
+    return fn(model, *args, **kwargs)
+
+
+def merge_lora_state(model: nnx.Module, lora_state) -> None:
+    nnx.update(model, lora_state)
+
+
+def lora_to_flat(lora_state) -> dict[str, jax.Array]:
+    return {".".join(str(p) for p in path): (v.get_value() if isinstance(v, nnx.Variable) else v)
+            for path, v in nnx.to_flat_state(lora_state)}
+
+
+def lora_from_flat(flat: dict[str, Any], template):
+    """State shaped like ``template`` (a lora_state) with values from ``flat``; checks keys and shapes."""
+    out = []
+    missing = []
+    for path, v in nnx.to_flat_state(template):
+        key = ".".join(str(p) for p in path)
+        if key not in flat:
+            missing.append(key)
+            continue
+        value = jnp.asarray(flat[key], dtype=jnp.float32)
+        ref = v.get_value() if isinstance(v, nnx.Variable) else v
+        if value.shape != tuple(ref.shape):
+            raise ValueError(f"LoRA tensor {key}: shape {value.shape}, model expects {tuple(ref.shape)}")
+        out.append((path, v.replace(value) if isinstance(v, nnx.Variable) else value))
+    extra = sorted(set(flat) - {".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(template)})
+    if missing or extra:
+        raise ValueError(f"LoRA state mismatch: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+    return nnx.from_flat_state(out)
