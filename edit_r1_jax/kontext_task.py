@@ -23,45 +23,12 @@ from edit_r1_jax.data import source as data_source
 from edit_r1_jax.data.images import to_model_range
 from edit_r1_jax.diffusion import latents
 from edit_r1_jax.models.flux.autoencoder_params import load_vae
-from edit_r1_jax.models.flux.modeling import FluxConfig, FluxTransformer
-from edit_r1_jax.models.lora import LoRAParam, split_policy
-from edit_r1_jax.parallel import rules
+from edit_r1_jax.models.flux.params import load_transformer
 from edit_r1_jax.pipeline import ScheduleConfig
 from edit_r1_jax.rewards import registry as reward_registry
 from edit_r1_jax.tasks import lora_config
-from edit_r1_jax.weights import load_state, read_config
 
 log = logging.getLogger(__name__)
-
-
-def load_policy_model(model_dir: Path, c, mesh):
-    """(graphdef, base, lora) of the converted DiT with LoRA adapters, base loaded onto the mesh."""
-    lcfg = lora_config(c)
-    cfg = FluxConfig.from_diffusers(read_config(model_dir), dtype=c.model.dtype, param_dtype=c.model.param_dtype,
-                                    remat_policy=c.model.remat_policy, attention_impl=c.model.attention_impl or None,
-                                    lora=lcfg)
-    abstract = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
-    graphdef, lora_abs, base_abs = nnx.split(abstract, LoRAParam, ...)
-    base = load_state(model_dir, base_abs, rules.state_shardings(base_abs, mesh))
-    lora = init_lora(lora_abs, jax.random.key(c.seed), lcfg.std, rules.state_shardings(lora_abs, mesh))
-    return split_policy(nnx.merge(graphdef, base, lora))
-
-
-def init_lora(abstract, key, std: float, shardings):
-    """PEFT "gaussian" init: lora_a ~ N(0, std^2), lora_b = 0, float32, placed per ``shardings``."""
-    flat = nnx.to_flat_state(abstract)
-    sflat = dict(nnx.to_flat_state(shardings))
-    out = []
-    for i, (path, v) in enumerate(flat):
-        shape = v.get_value().shape
-        sh = sflat[path].get_value() if isinstance(sflat[path], nnx.Variable) else sflat[path]
-        if path[-1] == "lora_a":
-            value = jax.jit(lambda k: std * jax.random.normal(k, shape, jnp.float32), out_shardings=sh)(
-                jax.random.fold_in(key, i))
-        else:
-            value = jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sh)()
-        out.append((path, v.replace(value)))
-    return nnx.from_flat_state(out)
 
 
 class KontextTask:
@@ -75,7 +42,10 @@ class KontextTask:
         self.sources = {s: data_source.EditSource(r, res, str(data_source._metadata_path(c.data.root, s)))
                         for s, r in self.rows.items()}
         self.num_train_rows = len(self.rows["train"])
-        graphdef, self.base, self.lora_init = load_policy_model(model_dir / "transformer", c, mesh)
+        _, graphdef, self.base, self.lora_init = load_transformer(
+            model_dir / "transformer", mesh=mesh, seed=int(c.seed), dtype=c.model.dtype,
+            param_dtype=c.model.param_dtype, remat_policy=c.model.remat_policy,
+            attention_impl=c.model.attention_impl or None, lora=lora_config(c))
         self.vae = load_vae(model_dir / "vae", dtype=jnp.dtype(c.model.dtype))
         self.vae_graph, vae_state = nnx.split(self.vae)
         self.vae_state = jax.device_put(vae_state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
