@@ -8,12 +8,14 @@ Without --config it runs the tiny CPU toy task (configs/toy.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.experimental.multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from absl import app
@@ -22,9 +24,10 @@ from tqdm import tqdm
 
 from edit_r1_jax import checkpoint as ckpt_lib
 from edit_r1_jax import config as config_lib
-from edit_r1_jax import engine, tasks
+from edit_r1_jax import engine, tasks, weights
 from edit_r1_jax import metrics as metrics_lib
 from edit_r1_jax.data.groups import GroupSampler
+from edit_r1_jax.models import lora as lora_lib
 from edit_r1_jax.nft import advantages as adv_lib
 from edit_r1_jax.nft import loss as nft_loss
 from edit_r1_jax.parallel import distributed
@@ -94,6 +97,7 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
             summary["last"] = epoch_metrics
             if (epoch + 1) % c.checkpoint.every == 0 or epoch + 1 == end_epoch:
                 ckpt.save(epoch, state, {"epoch": epoch, "sampler": sampler.get_state()})
+                export_lora(c, run_dir / "lora" / f"step_{int(state['step']):07d}", state["ema"])
         if c.eval.every > 0 and end_epoch > start_epoch and end_epoch == c.num_epochs:
             summary["eval"][end_epoch] = evaluate(c, task, state, end_epoch, writer)
         ckpt.close()
@@ -165,6 +169,19 @@ def update(c, task, mesh, tx, hp, state, batches, adv, filt, sizes):
         step_metrics.append(jax.device_get(m))
     state = engine.sync_old_policy(state, int(c.train.decay_type))
     return state, {f"train/{k}": float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+
+
+def export_lora(c, path: Path, lora) -> None:
+    """The EMA LoRA (the evaluation policy, spec B.7) in our flat layout, ready for
+    ``python -m tools.convert_weights export-lora --src PATH --dst FILE`` and ``edit --lora PATH``."""
+    flat = {k: np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True))
+            for k, v in lora_lib.lora_to_flat(lora).items()}
+    if jax.process_index() != 0:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    weights.save_tensors(path / "lora.safetensors", flat)
+    (path / "config.json").write_text(json.dumps(
+        {"lora": {"rank": int(c.lora.rank), "alpha": float(c.lora.alpha), "targets": list(c.lora.targets)}}))
 
 
 def evaluate(c, task, state, epoch: int, writer) -> dict[str, float]:

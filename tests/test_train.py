@@ -6,7 +6,8 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import toy
-from edit_r1_jax import train
+from edit_r1_jax import train, weights
+from edit_r1_jax.models import lora as lora_lib
 from edit_r1_jax.rewards import registry
 
 pytestmark = pytest.mark.slow
@@ -27,6 +28,7 @@ def tiny_config(run_dir) -> ConfigDict:
     c.sample.num_batches_per_epoch = 2
     c.sample.rollout_batch_size = 8
     c.train.micro_batch_size = 8
+    c.train.steps_per_epoch = 1
     c.eval.update(every=0, num_steps=3, num_samples=8, batch_size=8)
     c.checkpoint.every = 1
     c.log.update(image_every=1, tensorboard=False, progress=False)
@@ -58,6 +60,16 @@ def test_resume_is_bitwise_exact(tmp_path):
         assert name in metrics and np.isfinite(metrics[name]), name
     assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") >= 2
     assert list((tmp_path / "a" / "samples").glob("train_*.png"))
+    # The EMA LoRA is exported at each checkpoint and converts to the PEFT/diffusers layout.
+    from tools.convert_weights.__main__ import main as convert
+
+    exported = sorted((tmp_path / "a" / "lora").iterdir())[-1]
+    assert convert(["export-lora", "--src", str(exported), "--dst", str(tmp_path / "peft.safetensors")]) == 0
+    peft = weights.read_tensors(tmp_path / "peft.safetensors")
+    ema_b = {k: v for k, v in lora_lib.lora_to_flat(jax.device_get(straight["state"]["ema"])).items()
+             if k.endswith("lora_b")}
+    key = next(iter(ema_b))
+    np.testing.assert_array_equal(peft[f"transformer.{key[:-len('.lora_b')]}.lora_B.weight"], np.asarray(ema_b[key]).T)
 
 
 def test_nan_reward_stops_the_run_naming_the_sample(tmp_path):
