@@ -45,31 +45,11 @@ class StaleCacheError(RuntimeError):
 
 
 def read_metadata(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
+    from edit_r1_jax.data.source import jsonl_objects
+
+    if not Path(path).exists():
         raise FileNotFoundError(f"metadata file not found: {path}")
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MetadataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise MetadataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            for field in ("prompt", "image"):
-                if field not in obj:
-                    raise MetadataError(f"{path}:{lineno}: missing required key {field!r}")
-                if not isinstance(obj[field], str):
-                    raise MetadataError(f"{path}:{lineno}: {field!r} must be a string")
-            if not obj["prompt"].strip():
-                raise MetadataError(f"{path}:{lineno}: empty 'prompt'")
-            if "requirement" in obj and not isinstance(obj["requirement"], str):
-                raise MetadataError(f"{path}:{lineno}: 'requirement' must be a string")
-            items.append(obj)
-    return items
+    return [obj for _, obj in jsonl_objects(path, ("prompt", "image"), MetadataError)]
 
 
 def prompt_key(prompt: str) -> str:

@@ -28,20 +28,11 @@ def _load_image(path: Path, where: str) -> np.ndarray:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    from edit_r1_jax.data.source import jsonl_objects
+
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in jsonl_objects(path, ("source", "edited", "instruction"), SystemExit):
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{where}: invalid JSON: {e}") from e
-        if not isinstance(row, dict):
-            raise SystemExit(f"{where}: expected a JSON object")
-        missing = [k for k in ("source", "edited", "instruction") if k not in row]
-        if missing:
-            raise SystemExit(f"{where}: missing fields {missing}")
         rows.append({"where": where, "source": _load_image(path.parent / row["source"], where),
                      "edited": _load_image(path.parent / row["edited"], where),
                      "instruction": str(row["instruction"]), "requirement": str(row.get("requirement", "") or ""),

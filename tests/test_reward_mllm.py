@@ -150,7 +150,7 @@ def test_score_cli(setup, tmp_path, capsys):
     np.testing.assert_allclose([o["score"] for o in out], want, atol=1e-5)
     assert sorted(out[0]["distribution"]) == ["0", "1", "2", "3", "4", "5"]
     (tmp_path / "bad.jsonl").write_text(json.dumps(lines[0]) + "\n" + json.dumps({"source": "s0.png"}))
-    with pytest.raises(SystemExit, match=r"bad.jsonl:2: missing fields \['edited', 'instruction'\]"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: missing required field 'edited'"):
         cli.main(["--model", str(root / "jax"), "--jsonl", str(tmp_path / "bad.jsonl")])
     assert cli.main(["--model", str(root / "jax"), "--source", str(tmp_path / "s0.png"), "--edited",
                      str(tmp_path / "e0.png"), "--instruction", "make it blue", "--dtype", "float32"]) == 0

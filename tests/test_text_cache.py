@@ -38,11 +38,11 @@ def _item(prompt, image="images/a.png", **kw):
 
 
 @pytest.mark.parametrize("line,msg", [
-    ("{not json", "not valid JSON"),
+    ("{not json", "malformed JSON"),
     ('["a list"]', "expected a JSON object"),
-    ('{"image": "x.png"}', "missing required key 'prompt'"),
-    ('{"prompt": 3, "image": "x.png"}', "'prompt' must be a string"),
-    ('{"prompt": "  ", "image": "x.png"}', "empty 'prompt'"),
+    ('{"image": "x.png"}', "missing required field 'prompt'"),
+    ('{"prompt": 3, "image": "x.png"}', "field 'prompt' must be a non-empty string"),
+    ('{"prompt": "  ", "image": "x.png"}', "field 'prompt' must be a non-empty string"),
 ])
 def test_malformed_lines(tmp_path, line, msg):
     _write(tmp_path, [_item("make the sky red"), "", line])

@@ -64,12 +64,15 @@ def _verify_image(path, where):
         raise DatasetError(f"{where}: image {path} cannot be decoded ({type(e).__name__}: {e})") from e
 
 
-def read_metadata(root, split: str = "train", verify_images: bool = True) -> list[Row]:
-    """Parse and validate ``<root>/<split>_metadata.jsonl`` (see module docstring)."""
-    path = _metadata_path(root, split)
+def jsonl_objects(path, required=(), error: type[Exception] = DatasetError):
+    """``(line number, object)`` for every non-blank line of a jsonl file.
+
+    Malformed JSON, a line that is not an object, and a missing or empty required string field raise ``error``
+    naming ``file:line``. Used by the dataset, the text-embedding cache and the scorer alike.
+    """
     if not os.path.isfile(path):
-        raise DatasetError(f"metadata file not found: {path}")
-    rows = []
+        raise error(f"file not found: {path}")
+    out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -78,25 +81,35 @@ def read_metadata(root, split: str = "train", verify_images: bool = True) -> lis
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DatasetError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise error(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
-                raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for field in ("prompt", "image"):
+                raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            for field in required:
                 if field not in obj:
-                    raise DatasetError(f"{where}: missing required field {field!r}")
+                    raise error(f"{where}: missing required field {field!r}")
                 if not isinstance(obj[field], str) or not obj[field].strip():
-                    raise DatasetError(f"{where}: field {field!r} must be a non-empty string, got {obj[field]!r}")
+                    raise error(f"{where}: field {field!r} must be a non-empty string, got {obj[field]!r}")
             req = obj.get("requirement", "")
-            if req is None:
-                req = ""
-            if not isinstance(req, str):
-                raise DatasetError(f"{where}: field 'requirement' must be a string, got {req!r}")
-            img_path = os.path.join(os.fspath(root), obj["image"])
-            if not os.path.isfile(img_path):
-                raise DatasetError(f"{where}: image file not found: {img_path}")
-            if verify_images:
-                _verify_image(img_path, where)
-            rows.append(Row(len(rows), obj["prompt"], img_path, req, obj, lineno))
+            if req is not None and not isinstance(req, str):
+                raise error(f"{where}: field 'requirement' must be a string, got {req!r}")
+            out.append((lineno, obj))
+    return out
+
+
+def read_metadata(root, split: str = "train", verify_images: bool = True) -> list[Row]:
+    """Parse and validate ``<root>/<split>_metadata.jsonl`` (see module docstring)."""
+    path = _metadata_path(root, split)
+    if not os.path.isfile(path):
+        raise DatasetError(f"metadata file not found: {path}")
+    rows = []
+    for lineno, obj in jsonl_objects(path, ("prompt", "image")):
+        where = f"{path}:{lineno}"
+        img_path = os.path.join(os.fspath(root), obj["image"])
+        if not os.path.isfile(img_path):
+            raise DatasetError(f"{where}: image file not found: {img_path}")
+        if verify_images:
+            _verify_image(img_path, where)
+        rows.append(Row(len(rows), obj["prompt"], img_path, obj.get("requirement") or "", obj, lineno))
     if not rows:
         raise DatasetError(f"{path}: no rows")
     return rows

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from edit_r1_jax.models.attention import attention
-from edit_r1_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, _init, apply_rope
+from edit_r1_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, SwiGLU, _init, apply_rope
 from edit_r1_jax.parallel import rules
 
 
@@ -78,28 +78,16 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(B, L, -1))
 
 
-class MLP(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
-        if cfg.hidden_act != "silu":
-            raise ValueError(f"text hidden_act {cfg.hidden_act!r} not supported (Qwen2 uses silu)")
-        kw = dict(bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
-
-    def __call__(self, x):
-        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        h = rules.constrain(h, ("batch", "length", "act_mlp"))
-        return self.down_proj(h)
-
-
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
         norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.self_attn = Attention(cfg, rngs=rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"text hidden_act {cfg.hidden_act!r} not supported (Qwen2.5-VL uses silu)")
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)

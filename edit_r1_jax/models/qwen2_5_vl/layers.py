@@ -53,3 +53,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
     out = xf * cos[..., None, :] + rotate_half(xf) * sin[..., None, :]
     return out.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """``down(silu(gate(x)) * up(x))``: the MLP of both the Qwen2 decoder (no biases) and the vision blocks."""
+
+    def __init__(self, hidden: int, intermediate: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(intermediate, hidden, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        h = rules.constrain(h, ("batch", "length", "act_mlp"))
+        return self.down_proj(h)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from edit_r1_jax.models.attention import attention
-from edit_r1_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, apply_rope
+from edit_r1_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, SwiGLU, apply_rope
 from edit_r1_jax.parallel import rules
 
 
@@ -112,28 +112,16 @@ class VisionAttention(nnx.Module):
         return self.proj(out.reshape(n, L, -1))
 
 
-class VisionMLP(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
-        if cfg.hidden_act != "silu":
-            raise ValueError(f"vision hidden_act {cfg.hidden_act!r} not supported (Qwen2.5-VL uses silu)")
-        kw = dict(bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
-
-    def __call__(self, x):
-        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        h = rules.constrain(h, ("batch", "length", "act_mlp"))
-        return self.down_proj(h)
-
-
 class VisionBlock(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
         norm = dict(eps=1e-6, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.norm1 = RMSNorm(cfg.hidden_size, **norm)
         self.norm2 = RMSNorm(cfg.hidden_size, **norm)
         self.attn = VisionAttention(cfg, rngs=rngs)
-        self.mlp = VisionMLP(cfg, rngs=rngs)
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"vision hidden_act {cfg.hidden_act!r} not supported (Qwen2.5-VL uses silu)")
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask):
         x = x + self.attn(self.norm1(x), cos, sin, mask)
