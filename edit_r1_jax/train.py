@@ -149,6 +149,7 @@ def advantages(c, batches, sampler):
     for name in batches[0]["per_reward"]:
         values = np.concatenate([distributed.gather(b["per_reward"][name]) for b in batches])
         metrics[f"reward/{name}"] = float(np.nanmean(values))
+        metrics[f"reward/{name}_std"] = float(np.nanstd(values))
     return adv, filt, metrics
 
 
