@@ -107,31 +107,36 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
 
 
 def rollouts(c, task, mesh, sampler, state, epoch: int, sizes, timer) -> list[dict[str, Any]]:
-    """The epoch's sampling batches, each M rows x K repeats, rolled out with theta_old and scored."""
+    """The epoch's sampling batches (M rows x K repeats each), rolled out with theta_old in chunks of
+    ``sample.rollout_batch_size`` and scored. Each chunk is one entry; global order = gather order."""
     epoch_key = jax.random.fold_in(jax.random.key(c.seed + 1), epoch)
+    chunk = c.sample.rollout_batch_size // jax.process_count()  # this host's share of one rollout call
     batches = []
     for i in range(c.sample.num_batches_per_epoch):
         with timer("data"):
             draw = sampler.next_batch()  # group id = dataset row id (spec H.1, H.2)
             offset = epoch * sizes["samples_per_epoch"] + i * sizes["samples_per_batch"]
-            local_index = offset + draw.slot_ids  # global sample index of this host's slots (spec H.15)
-            inputs = task.inputs(draw.row_ids)
-        with timer("rollout"):
-            cond = task.encode(distributed.to_global(mesh, inputs))
-            gidx = distributed.to_global(mesh, local_index)
-            x0 = engine.sample(task.policy, task.base, state["theta_old"], cond, epoch_key, gidx,
-                               task.sigmas_train, c.sample.solver, float(c.sample.eta))
-            images = distributed.to_local(task.decode(x0))
-        with timer("reward"):
-            rewards, per_reward, valid = task.reward(draw.row_ids, inputs, images, local_index)
-        batches.append(dict(rows=draw.global_row_ids, local_rows=draw.row_ids, x0=x0, cond=cond, index=gidx,
-                            images=images, inputs=inputs, rewards=rewards, valid=valid, per_reward=per_reward))
+        for start in range(0, len(draw.row_ids), chunk):
+            rows = draw.row_ids[start:start + chunk]
+            local_index = offset + draw.slot_ids[start:start + chunk]  # global sample index (spec H.15)
+            with timer("data"):
+                inputs = task.inputs(rows)
+            with timer("rollout"):
+                cond = task.encode(distributed.to_global(mesh, inputs))
+                gidx = distributed.to_global(mesh, local_index)
+                x0 = engine.sample(task.policy, task.base, state["theta_old"], cond, epoch_key, gidx,
+                                   task.sigmas_train, c.sample.solver, float(c.sample.eta))
+                images = distributed.to_local(task.decode(x0))
+            with timer("reward"):
+                rewards, per_reward, valid = task.reward(rows, inputs, images, local_index)
+            batches.append(dict(local_rows=rows, x0=x0, cond=cond, index=gidx, images=images, inputs=inputs,
+                                rewards=rewards, valid=valid, per_reward=per_reward))
     return batches
 
 
 def advantages(c, batches, sampler):
     """Group advantages over the whole epoch; every host computes the same from the same gathered arrays."""
-    rows = np.concatenate([b["rows"] for b in batches])
+    rows = np.concatenate([distributed.gather(b["local_rows"]) for b in batches])
     rewards = np.concatenate([distributed.gather(b["rewards"]) for b in batches])
     valid = np.concatenate([distributed.gather(b["valid"]) for b in batches])
     adv = adv_lib.compute_advantages(rewards, rows, global_std=bool(c.train.global_std),

@@ -26,6 +26,7 @@ def main():
     c = tiny_config(run_dir)
     c.num_epochs = epochs
     c.mesh.update(data=-1, fsdp=1, tensor=1)
+    c.sample.rollout_batch_size = 8  # divisible by the 8 data-parallel devices
     if len(sys.argv) > 4:
         c.distributed.update(coordinator=f"127.0.0.1:{sys.argv[6]}", num_processes=int(sys.argv[4]),
                              process_id=int(sys.argv[5]))

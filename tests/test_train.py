@@ -26,7 +26,7 @@ def tiny_config(run_dir) -> ConfigDict:
     c.sample.group_size = 4
     c.sample.groups_per_batch = 2
     c.sample.num_batches_per_epoch = 2
-    c.sample.rollout_batch_size = 8
+    c.sample.rollout_batch_size = 4  # two rollout calls per sampling batch
     c.train.micro_batch_size = 8
     c.train.steps_per_epoch = 1
     c.eval.update(every=0, num_steps=3, num_samples=8, batch_size=8)
@@ -87,4 +87,4 @@ def test_nan_reward_stops_the_run_naming_the_sample(tmp_path):
     c.reward.on_error = "mask"
     c.run_dir = str(tmp_path / "masked")
     out = train.run(c, max_epochs=1)
-    assert out["last"]["invalid_rewards"] == 2  # one per sampling batch of 8
+    assert out["last"]["invalid_rewards"] == 4  # sample 3 of each of the 4 rollout calls (16 samples, 4 per call)
