@@ -16,7 +16,13 @@ from edit_r1_jax.diffusion import latents as L
 from edit_r1_jax.pipeline import KontextEditor, euler_scan
 from kontext_tiny import RESOLUTION, T5_LENGTH, save_and_convert
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """No autograd in this module's reference calls (scoped: a global switch would leak into other tests)."""
+    with torch.no_grad():
+        yield
 
 # Whole chain in float32 (text encoders, VAE encode, 4 DiT steps, VAE decode) with highest matmul precision:
 # observed differences ~1e-6; 1e-4 on [0, 1] pixels (= 0.03 of one 8-bit level) still fails on any real bug.

@@ -18,7 +18,13 @@ from qwen_fixtures import convert_cli, qwen_tokenizer_dir, save_tiny_checkpoint
 from edit_r1_jax.models.qwen2_5_vl import params
 from edit_r1_jax.models.qwen2_5_vl.model import embed_images, get_rope_index
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """No autograd in this module's reference calls (scoped: a global switch would leak into other tests)."""
+    with torch.no_grad():
+        yield
 ATOL, RTOL = 2e-5, 1e-4
 
 

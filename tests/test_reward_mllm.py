@@ -14,7 +14,13 @@ from qwen_fixtures import CHAT_TEMPLATE, convert_cli, qwen_tokenizer_dir, save_t
 from edit_r1_jax.models.qwen2_5_vl import processor as P
 from edit_r1_jax.rewards.mllm import MLLMReward, RewardError, expected_score
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """No autograd in this module's reference calls (scoped: a global switch would leak into other tests)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,13 @@ from edit_r1_jax.models.text.encoders import TextEncoders, check_prompts
 from edit_r1_jax.models.text.t5 import relative_position_buckets
 from tools.convert_weights.__main__ import main as convert_main
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """No autograd in this module's reference calls (scoped: a global switch would leak into other tests)."""
+    with torch.no_grad():
+        yield
 
 # float32 everywhere, highest matmul precision (conftest); errors are accumulation-order noise of a few
 # ulps per layer on O(1) activations -> 1e-4 absolute leaves a wide margin while catching any real bug

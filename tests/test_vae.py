@@ -17,7 +17,13 @@ from edit_r1_jax.models.flux.autoencoder_params import load_vae
 from edit_r1_jax.weights import ConversionError
 from tools.convert_weights.__main__ import main as convert_main
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """No autograd in this module's reference calls (scoped: a global switch would leak into other tests)."""
+    with torch.no_grad():
+        yield
 
 # float32 with highest matmul/conv precision: differences are summation-order noise (~1e-6 on O(1) outputs
 # after ~20 convs); 2e-4 absolute leaves margin and still catches any layout bug (those give O(0.1) errors).

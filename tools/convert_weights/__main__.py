@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 
@@ -18,10 +17,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.convert_weights", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in MODULES:
-        if importlib.util.find_spec(f"tools.convert_weights.{name}") is None:
-            # Only while the tree is being built; tests/test_cli.py asserts that every subcommand is present.
-            logging.getLogger(__name__).warning("converter module %s is not present", name)
-            continue
         importlib.import_module(f"tools.convert_weights.{name}").add_parser(sub)
     return parser
 
