@@ -37,10 +37,10 @@ class KontextTask:
         self.c, self.mesh = c, mesh
         model_dir = Path(c.model.dir)
         res = int(c.data.resolution)
-        self.rows = {"train": data_source.read_metadata(c.data.root, "train"),
-                     "test": data_source.read_metadata(c.data.root, "test")}
-        self.sources = {s: data_source.EditSource(r, res, str(data_source._metadata_path(c.data.root, s)))
-                        for s, r in self.rows.items()}
+        # grain random-access datasets: the group sampler picks row ids, grain decodes and crops those rows
+        self.sources, self.rows = {}, {}
+        for split in ("train", "test"):
+            self.sources[split], self.rows[split] = data_source.make_dataset(c.data.root, split, res)
         self.num_train_rows = len(self.rows["train"])
         _, graphdef, self.base, self.lora_init = load_transformer(
             model_dir / "transformer", mesh=mesh, seed=int(c.seed), dtype=c.model.dtype,
