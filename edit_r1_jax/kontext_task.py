@@ -26,12 +26,12 @@ from edit_r1_jax.models.flux.autoencoder_params import load_vae
 from edit_r1_jax.models.flux.params import load_transformer
 from edit_r1_jax.pipeline import ScheduleConfig
 from edit_r1_jax.rewards import registry as reward_registry
-from edit_r1_jax.tasks import lora_config
+from edit_r1_jax.tasks import Task, lora_config
 
 log = logging.getLogger(__name__)
 
 
-class KontextTask:
+class KontextTask(Task):
     def __init__(self, c, mesh, run_dir: Path, writer):
         del run_dir, writer
         self.c, self.mesh = c, mesh
@@ -101,13 +101,7 @@ class KontextTask:
         items = [self.rows[split][int(r)] for r in rows]
         batch = {"image": images, "source": (inputs["source"] + 1) / 2, "prompt": [r.prompt for r in items],
                  "requirement": [r.requirement for r in items], "index": np.asarray(index)}
-        total, info = self.reward_fn(batch)
-        valid = info.pop("valid")
-        info.pop("num_masked")
-        return total, info, valid
-
-    def source_images(self, inputs):
-        return (inputs["source"] + 1) / 2
+        return self._score(batch)
 
     def caption(self, row, split: str = "train") -> str:
         return self.rows[split][int(row)].prompt

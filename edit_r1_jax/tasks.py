@@ -55,7 +55,23 @@ def split_on_mesh(model: nnx.Module, mesh):
     return lora_lib.split_policy(model)
 
 
-class ToyTask:
+class Task:
+    """What both tasks share: scoring through the reward registry, and source images for the grids."""
+
+    reward_fn = None  # registry.combine(...) result, set by the task
+
+    def _score(self, batch):
+        """(total [b], per-reward scores, valid [b]) from the combined reward; invalid samples are NaN."""
+        total, info = self.reward_fn(batch)
+        valid = info.pop("valid")
+        info.pop("num_masked")
+        return total, info, valid
+
+    def source_images(self, inputs):
+        return (inputs["source"] + 1) / 2
+
+
+class ToyTask(Task):
     """Coloured shapes edited in pixel space: 16x16x3 images, 2x2 patches -> 64 tokens of 12 features.
 
     The base DiT is random, so it is warm-started by supervised flow matching on (source, instruction) ->
@@ -137,13 +153,7 @@ class ToyTask:
 
     def reward(self, rows, inputs, images, index, split: str = "train"):
         d = self._rows(split)
-        total, info = self.reward_fn({"image": images * 2 - 1, "source": inputs["source"], "target": d["target"][rows]})
-        valid = info.pop("valid")
-        info.pop("num_masked")
-        return total, info, valid
-
-    def source_images(self, inputs):
-        return (inputs["source"] + 1) / 2
+        return self._score({"image": images * 2 - 1, "source": inputs["source"], "target": d["target"][rows]})
 
     def caption(self, row, split: str = "train") -> str:
         return self._rows(split)["prompt"][int(row)]
