@@ -1,0 +1,78 @@
+"""Mesh construction, logical-axis rules and config validation (the start-up checks)."""
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import kontext_mllm, toy
+from edit_r1_jax import config as config_lib
+from edit_r1_jax.parallel import mesh as mesh_lib
+from edit_r1_jax.parallel import rules
+
+
+def test_resolve_shape_fills_and_rejects():
+    assert mesh_lib.resolve_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        mesh_lib.resolve_shape({"data": -1, "fsdp": -1}, 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        mesh_lib.resolve_shape({"data": -1, "fsdp": 3}, 8)
+    with pytest.raises(ValueError, match="needs 4 devices, 8 available"):
+        mesh_lib.resolve_shape({"data": 2, "fsdp": 2}, 8)
+    with pytest.raises(ValueError, match="unknown axis 'model'"):
+        mesh_lib.make_mesh({"model": 1})
+
+
+class _FakeMesh:
+    shape = {"data": 2, "fsdp": 4, "tensor": 2}
+
+
+def test_partition_spec_rules():
+    m = _FakeMesh()
+    assert rules.partition_spec(("embed", "heads"), (64, 64), m) == P("fsdp", "tensor")
+    assert rules.partition_spec(("batch", "length", "act_embed"), (16, 7, 64), m) == P(("data", "fsdp"), None, None)
+    # a mesh axis is used once: the second "embed" stays whole
+    assert rules.partition_spec(("embed", "embed"), (64, 64), m) == P("fsdp", None)
+    # a dimension the mesh axes do not divide is replicated rather than failing at device_put
+    assert rules.partition_spec(("embed", "heads"), (6, 64), m) == P(None, "tensor")
+    with pytest.raises(KeyError, match="no sharding rule"):
+        rules.partition_spec(("nonsense",))
+    with pytest.raises(ValueError, match="do not match parameter"):
+        rules.param(jax.numpy.zeros((2, 3)), ("embed",))
+
+
+def test_constrain_is_identity_without_mesh():
+    x = jax.numpy.ones((4, 3))
+    assert rules.constrain(x, ("batch", None)) is x
+
+
+def test_validate_accepts_shipped_configs():
+    d = config_lib.validate(toy.get_config())
+    assert d["train_timesteps"] == 5 and d["micro_batches_per_step"] == 1
+    c = kontext_mllm.get_config("ban_prompt")
+    c.model.dir, c.data.root, c.reward.mllm_dir = "m", "d", "q"
+    d = config_lib.validate(c, num_processes=1, data_parallel=24)
+    assert d == dict(samples_per_batch=72, samples_per_epoch=288, samples_per_step=288, micro_batches_per_step=4,
+                     train_timesteps=5)
+    assert c.filter.enabled
+
+
+def test_validate_names_every_bad_field():
+    c = toy.get_config()
+    c.sample.solver = "rk4"
+    c.train.adv_mode = "mostly"
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(c)
+    assert "sample.solver='rk4'" in str(e.value) and "train.adv_mode='mostly'" in str(e.value)
+
+    c = toy.get_config()
+    c.train.micro_batch_size = 24
+    with pytest.raises(config_lib.ConfigError, match="train.micro_batch_size=24"):
+        config_lib.validate(c)
+    c = toy.get_config()
+    with pytest.raises(config_lib.ConfigError, match=r"data-parallel device count 3"):
+        config_lib.validate(c, data_parallel=3)
+    c = kontext_mllm.get_config()
+    with pytest.raises(config_lib.ConfigError, match="model.dir is empty"):
+        config_lib.validate(c)
+    with pytest.raises(ValueError, match="unknown variant"):
+        kontext_mllm.get_config("nope")
