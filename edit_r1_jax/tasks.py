@@ -2,7 +2,7 @@
 
 A task gives the loop:
   policy, base           the static DiT call (engine.Policy) and the frozen base parameters (on the mesh)
-  init_lora(key)         the initial LoRA pytree theta
+  init_lora()            the initial LoRA pytree theta (A gaussian, B zero)
   sigmas_train/_eval     rollout and evaluation schedules
   num_train_rows         rows the group sampler draws from (row id = group id)
   inputs(rows, split)    host arrays for this host's rows (source image, text embeddings)

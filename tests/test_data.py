@@ -50,7 +50,7 @@ def test_bad_lines_named(tmp_path, bad_line, pattern):
     _write_dataset(tmp_path, [GOOD[0], "", bad_line, GOOD[1]])
     with pytest.raises(source.DatasetError, match=pattern) as e:
         source.read_metadata(tmp_path, "train")
-    assert f"train_metadata.jsonl:3:" in str(e.value)
+    assert "train_metadata.jsonl:3:" in str(e.value)
 
 
 def test_corrupt_image_named(tmp_path):
