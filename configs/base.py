@@ -31,7 +31,10 @@ def get_config(variant: str = "") -> ConfigDict:
 
     c.lora = ConfigDict(dict(rank=32, alpha=64.0, targets=LORA_TARGETS, init_std=0.0))  # 0 -> 1/rank
 
-    c.data = ConfigDict(dict(root="", resolution=512, text_cache=True))
+    # allow_outside_root: image paths may leave data.root (../, absolute); on_duplicate: "error" or "warn" for
+    # repeated (prompt, image) rows
+    c.data = ConfigDict(dict(root="", resolution=512, text_cache=True, allow_outside_root=False,
+                             on_duplicate="error"))
     c.text = ConfigDict(dict(t5_length=128, clip_length=77))
 
     c.sample = ConfigDict()
@@ -60,8 +63,8 @@ def get_config(variant: str = "") -> ConfigDict:
     c.train.adam_eps = 1e-8
     c.train.weight_decay = 1e-4
     c.train.max_grad_norm = 1.0
-    c.train.decay_type = 1  # old-policy soft update (spec B.8)
-    c.train.ema = True
+    c.train.decay_type = 1  # old-policy soft update (spec B.8); the EMA policy (spec B.7) is always kept
+    c.train.max_empty_epochs = 3  # this many epochs in a row without one valid sample stop the run
 
     c.filter = ConfigDict()
     c.filter.enabled = False  # the reference's ban_prompt
@@ -77,7 +80,9 @@ def get_config(variant: str = "") -> ConfigDict:
     c.reward.batch_size = 24
 
     c.eval = ConfigDict(dict(every=10, num_steps=15, solver="flow", num_samples=72, batch_size=72))
-    c.checkpoint = ConfigDict(dict(every=30, max_to_keep=3))
+    # restore_step: -1 = the latest step; N = that older step (e.g. when the latest is corrupt).
+    # allow_config_change: resume although fields that change the state or the run's meaning differ.
+    c.checkpoint = ConfigDict(dict(every=30, max_to_keep=3, restore_step=-1, allow_config_change=False))
     c.log = ConfigDict(dict(image_every=10, num_images=8, tensorboard=True, progress=True))
     c.warmup = ConfigDict(dict(steps=0, learning_rate=1e-3, batch_size=32))  # supervised start (toy only)
     return c

@@ -4,11 +4,18 @@ Device state (theta, theta_old, EMA, optimizer, step, PRNG key) is one pytree sa
 host writes its shards, restore places them back onto the shardings of the abstract target. Host state (epoch,
 data-sampler state, ban set, config) is JSON. Resume restores both, so a stopped run continues exactly as one
 that never stopped (spec H.11 lists what the reference loses).
+
+Faults: a step that cannot be restored (truncated or empty files, partial writes) raises one
+:class:`CheckpointError` naming the step, the file and the cause; an older step is restored only on request
+(``restore(step=N)``, the trainer's ``--config.checkpoint.restore_step=N``), never silently. The resolved config
+saved with each step is compared on resume by :func:`config_changes`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +23,10 @@ import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint step cannot be restored, or does not belong to this run's config."""
 
 
 class Checkpointer:
@@ -27,7 +38,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state: Any, host: dict[str, Any]) -> None:
+        if step in self.all_steps():  # a run continued from an older step (restore_step) reaches a newer one
+            log.warning("checkpoint: replacing the existing step %d in %s", step, self.directory)
+            self.manager.delete(step)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         host=ocp.args.JsonSave(host)), force=True)
         self.manager.wait_until_finished()
@@ -38,10 +55,42 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                 host=ocp.args.JsonRestore()))
+        steps = self.all_steps()
+        if step not in steps:
+            raise CheckpointError(f"checkpoint step {step} not found in {self.directory}; steps there: {steps}")
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - re-raised as one error naming step, file and cause
+            raise self._restore_error(step, steps, e) from e
         log.info("checkpoint: restored step %d from %s", step, self.directory)
         return out.state, out.host
+
+    def read_host(self, step: int | None = None) -> tuple[int, dict[str, Any]]:
+        """``(step, host JSON)`` without touching the device state: enough to compare configs first."""
+        step = self.latest_step() if step is None else step
+        steps = self.all_steps()
+        if step not in steps:
+            raise CheckpointError(f"checkpoint step {step} not found in {self.directory}; steps there: {steps}")
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - re-raised as one error naming step, file and cause
+            raise self._restore_error(step, steps, e) from e
+        return step, out.host
+
+    def _restore_error(self, step: int, steps: list[int], e: BaseException) -> CheckpointError:
+        step_dir = self.directory / str(step)
+        bad = diagnose_step(step_dir)
+        found = re.search(r'local file "([^"]+)"', str(e))
+        if found and not bad:
+            bad = [f"{found.group(1)}: unreadable"]
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        older = [s for s in steps if s < step]
+        hint = (f"restore an older step with --config.checkpoint.restore_step=N (steps: {older}), or move "
+                f"{step_dir} away" if older else f"no older step to restore; move {step_dir} away to start over")
+        files = "; ".join(bad) if bad else f"no empty or unparsable file found under {step_dir}"
+        return CheckpointError(f"checkpoint step {step} in {self.directory} cannot be restored: {files}. "
+                               f"Cause: {type(e).__name__}: {cause}. Nothing was restored; {hint}.")
 
     def close(self) -> None:
         self.manager.close()
@@ -50,3 +99,58 @@ class Checkpointer:
 def abstract_like(state: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a live state: the restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def diagnose_step(step_dir: Path) -> list[str]:
+    """Files of an orbax step folder that are empty, or JSON metadata that does not parse (with the reason)."""
+    problems = []
+    for f in sorted(p for p in Path(step_dir).rglob("*") if p.is_file()):
+        rel = f.relative_to(step_dir).as_posix()
+        if "ocdbt.process_" in rel:  # per-process scratch copies, merged into the top-level database on save
+            continue
+        if f.stat().st_size == 0:
+            problems.append(f"{f}: empty file")
+        elif f.name in ("_METADATA", "_CHECKPOINT_METADATA", "metadata", "_sharding") or \
+                f.parent.name == "array_metadatas":
+            try:
+                json.loads(f.read_bytes())
+            except (ValueError, UnicodeDecodeError) as e:
+                problems.append(f"{f}: truncated or malformed JSON ({e})")
+    return problems
+
+
+# Config fields that may differ between a checkpoint and the resuming run: they change neither the state's shape
+# nor what the run computes (prefixes end with "."). Every other difference stops the resume.
+SAFE_TO_CHANGE = ("log.", "eval.", "checkpoint.", "num_epochs", "run_dir", "resume", "distributed.", "mesh.",
+                  "model.attention_impl", "model.remat_policy", "train.micro_batch_size", "train.max_empty_epochs",
+                  "sample.rollout_batch_size", "reward.batch_size", "reward.on_error", "data.text_cache",
+                  "data.on_duplicate", "data.allow_outside_root")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": leaf}`` of nested dicts, after a JSON round trip (tuples become lists, as in the checkpoint)."""
+    tree = json.loads(json.dumps(tree, default=str))
+    out = {}
+
+    def walk(t, p):
+        if isinstance(t, dict) and t:
+            for k, v in t.items():
+                walk(v, f"{p}{k}.")
+        else:
+            out[p[:-1]] = t
+
+    walk(tree, prefix)
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(blocking, safe)``: "field: checkpoint X, now Y" for every differing field of two flat configs."""
+    blocking, safe = [], []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if a == b:
+            continue
+        line = f"{key}: checkpoint {a!r}, now {b!r}"
+        is_safe = any(key == p or (p.endswith(".") and key.startswith(p)) for p in SAFE_TO_CHANGE)
+        (safe if is_safe else blocking).append(line)
+    return blocking, safe

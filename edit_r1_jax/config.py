@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ml_collections import ConfigDict
 
 SOLVERS = ("flow", "dance", "ddim", "dpm1", "dpm2")
@@ -35,6 +37,57 @@ def validate(c: ConfigDict, num_processes: int = 1, data_parallel: int = 1) -> d
             errors.append(msg)
 
     s, t = c.sample, c.train
+
+    def number(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False):
+        """A finite number within [lo, hi] (open ends where asked); the message names the field."""
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            errors.append(f"{name}={value!r} must be a number")
+            return
+        if not math.isfinite(v):
+            errors.append(f"{name}={value} must be finite")
+            return
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            errors.append(f"{name}={value} must be {'>' if lo_open else '>='} {lo}")
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            errors.append(f"{name}={value} must be {'<' if hi_open else '<='} {hi}")
+
+    # Optimizer and loss hyper-parameters: a NaN or a negative learning rate would train (uphill, or into NaN)
+    # and exit 0, so they are refused here, before anything is loaded.
+    number("train.learning_rate", t.learning_rate, lo=0)  # 0 is the lr0 control run
+    number("train.adam_b1", t.adam_b1, lo=0, hi=1, hi_open=True)
+    number("train.adam_b2", t.adam_b2, lo=0, hi=1, hi_open=True)
+    number("train.adam_eps", t.adam_eps, lo=0, lo_open=True)
+    number("train.weight_decay", t.weight_decay, lo=0)
+    number("train.max_grad_norm", t.max_grad_norm, lo=0, lo_open=True)
+    number("train.kl_weight", t.kl_weight, lo=0)
+    number("train.adv_clip_max", t.adv_clip_max, lo=0, lo_open=True)
+    number("train.nft_beta", t.nft_beta)
+    number("train.timestep_fraction", t.timestep_fraction)
+    number("sample.eta", s.eta, lo=0)
+    number("sample.guidance", s.guidance, lo=0)
+    number("filter.std_thres", c.filter.std_thres, lo=0)
+    number("filter.mean_thres", c.filter.mean_thres)
+    number("warmup.learning_rate", c.warmup.learning_rate, lo=0)
+    for name, w in dict(c.reward.weights).items():
+        number(f"reward.weights.{name}", w)
+    # Counts and intervals. Intervals of 0 would divide by zero after an epoch of work; max_to_keep=0 would log
+    # "saved" and keep nothing. eval.every and log.image_every may be 0 (= off).
+    for name, value, lo in (("num_epochs", c.num_epochs, 1), ("checkpoint.every", c.checkpoint.every, 1),
+                            ("checkpoint.max_to_keep", c.checkpoint.max_to_keep, 1),
+                            ("train.max_empty_epochs", t.max_empty_epochs, 1),
+                            ("eval.every", c.eval.every, 0), ("eval.num_steps", c.eval.num_steps, 1),
+                            ("eval.num_samples", c.eval.num_samples, 1), ("eval.batch_size", c.eval.batch_size, 1),
+                            ("log.image_every", c.log.image_every, 0), ("log.num_images", c.log.num_images, 0),
+                            ("warmup.steps", c.warmup.steps, 0), ("warmup.batch_size", c.warmup.batch_size, 1),
+                            ("checkpoint.restore_step", c.checkpoint.restore_step, -1)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            errors.append(f"{name}={value!r} must be an integer")
+        elif value < lo:
+            errors.append(f"{name}={value} must be >= {lo}" + (" (-1 = the latest step)"
+                                                               if name == "checkpoint.restore_step" else ""))
+    need(c.data.on_duplicate in ("error", "warn"), f"data.on_duplicate={c.data.on_duplicate!r}: 'error' or 'warn'")
     need(c.task in ("kontext", "toy"), f"task={c.task!r}: must be 'kontext' or 'toy'")
     for name in ("group_size", "groups_per_batch", "num_batches_per_epoch", "num_steps", "rollout_batch_size"):
         need(int(s[name]) >= 1, f"sample.{name}={s[name]} must be >= 1")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 import jax
 import jax.numpy as jnp
@@ -60,9 +61,22 @@ class Task:
 
     reward_fn = None  # registry.combine(...) result, set by the task
 
-    def _score(self, batch):
-        """(total [b], per-reward scores, valid [b]) from the combined reward; invalid samples are NaN."""
-        total, info = self.reward_fn(batch)
+    def _score(self, batch, rows=None, split: str = "train"):
+        """(total [b], per-reward scores, valid [b]) from the combined reward; invalid samples are NaN.
+
+        A reward error is re-raised naming the split and the dataset row of the failing sample (``rows``: the
+        dataset row of each sample of the batch)."""
+        try:
+            total, info = self.reward_fn(batch)
+        except reward_registry.RewardError as e:
+            if rows is None:
+                raise
+            rows = [int(r) for r in np.asarray(rows)]
+            # the registry names the failing sample by its position in this batch
+            m = re.search(r"sample (\d+)", str(e))
+            where = (f"dataset row {rows[int(m.group(1))]} of the {split} split" if m and int(m.group(1)) < len(rows)
+                     else f"{split} split, dataset rows {rows} (by position in the batch)")
+            raise reward_registry.RewardError(f"{where}: {e}") from e
         valid = info.pop("valid")
         info.pop("num_masked")
         return total, info, valid
@@ -153,7 +167,8 @@ class ToyTask(Task):
 
     def reward(self, rows, inputs, images, index, split: str = "train"):
         d = self._rows(split)
-        return self._score({"image": images * 2 - 1, "source": inputs["source"], "target": d["target"][rows]})
+        return self._score({"image": images * 2 - 1, "source": inputs["source"], "target": d["target"][rows]},
+                           rows, split)
 
     def caption(self, row, split: str = "train") -> str:
         return self._rows(split)["prompt"][int(row)]

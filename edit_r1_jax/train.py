@@ -8,6 +8,7 @@ Without --config it runs the tiny CPU toy task (configs/toy.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from edit_r1_jax.nft import advantages as adv_lib
 from edit_r1_jax.nft import loss as nft_loss
 from edit_r1_jax.parallel import distributed
 from edit_r1_jax.parallel import mesh as mesh_lib
+from edit_r1_jax.rewards import registry as reward_registry
 
 log = logging.getLogger("edit_r1_jax.train")
 
@@ -63,12 +65,18 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
         sampler = GroupSampler(task.num_train_rows, c.sample.groups_per_batch, c.sample.group_size,
                                c.sample.num_batches_per_epoch, c.seed, jax.process_index(), jax.process_count())
         ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", c.checkpoint.max_to_keep)
-        start_epoch = 0
+        start_epoch, empty_epochs = 0, 0
+        identity = run_identity(c, task)
         if c.resume and ckpt.latest_step() is not None:
-            state, host = ckpt.restore(ckpt_lib.abstract_like(state))
+            state, host = resume(c, ckpt, state, identity)
             sampler.set_state(host["sampler"])
             start_epoch = host["epoch"] + 1
+            empty_epochs = int(host.get("empty_epochs", 0))
             log.info("resumed after epoch %d (optimizer step %d)", host["epoch"], int(state["step"]))
+        elif int(c.checkpoint.restore_step) >= 0:
+            raise ckpt_lib.CheckpointError(
+                f"checkpoint.restore_step={c.checkpoint.restore_step} but "
+                + ("resume=False" if not c.resume else f"{ckpt.directory} holds no checkpoint"))
 
         hp = nft_config(c, sizes["micro_batches_per_step"])
         end_epoch = c.num_epochs if max_epochs is None else min(c.num_epochs, start_epoch + max_epochs)
@@ -79,11 +87,19 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
                 with timer("eval"):
                     summary["eval"][epoch] = evaluate(c, task, state, epoch, writer)
             with timer("epoch"):
-                batches = rollouts(c, task, mesh, sampler, state, epoch, sizes, timer)
+                try:
+                    batches = rollouts(c, task, mesh, sampler, state, epoch, sizes, timer)
+                except reward_registry.RewardError as e:  # re-raised with the epoch (the task names the row)
+                    raise reward_registry.RewardError(f"epoch {epoch}: {e}") from e
                 with timer("advantages"):
                     adv, filt, epoch_metrics = advantages(c, batches, sampler)
-                with timer("train"):
-                    state, train_metrics = update(c, task, mesh, tx, hp, state, batches, adv, filt, sizes)
+                empty_epochs = empty_epochs + 1 if not np.any(filt.mask) else 0
+                if empty_epochs:
+                    train_metrics = empty_epoch(c, epoch, empty_epochs, epoch_metrics)
+                else:
+                    with timer("train"):
+                        state, train_metrics = update(c, task, mesh, tx, hp, state, batches, adv, filt, sizes,
+                                                      epoch)
             epoch_metrics.update(train_metrics, epoch=epoch, **timer.pop())
             epoch_metrics["images_per_s"] = sizes["samples_per_epoch"] / epoch_metrics["time/epoch"]
             writer.write(int(state["step"]), epoch_metrics)
@@ -93,10 +109,11 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
                 writer.image_grid("train", epoch, task.source_images(b["inputs"])[:n], b["images"][:n],
                                   b["rewards"][:n], [task.caption(r) for r in b["local_rows"][:n]])
             bar.set_postfix(reward=f"{epoch_metrics['reward_mean']:.3f}",
-                            loss=f"{epoch_metrics['train/total_loss']:.4f}")
+                            loss=f"{epoch_metrics.get('train/total_loss', float('nan')):.4f}")
             summary["last"] = epoch_metrics
             if (epoch + 1) % c.checkpoint.every == 0 or epoch + 1 == end_epoch:
-                ckpt.save(epoch, state, {"epoch": epoch, "sampler": sampler.get_state()})
+                ckpt.save(epoch, state, {"epoch": epoch, "sampler": sampler.get_state(), "empty_epochs": empty_epochs,
+                                         **identity})
                 export_lora(c, run_dir / "lora" / f"step_{int(state['step']):07d}", state["ema"])
         if c.eval.every > 0 and end_epoch > start_epoch and end_epoch == c.num_epochs:
             summary["eval"][end_epoch] = evaluate(c, task, state, end_epoch, writer)
@@ -104,6 +121,67 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
         writer.close()
     summary["state"] = state
     return summary
+
+
+def run_identity(c, task) -> dict[str, Any]:
+    """What is stored with every checkpoint to recognise the run: the resolved config and the dataset."""
+    dataset: dict[str, Any] = {"num_train_rows": int(task.num_train_rows)}
+    if c.task == "kontext":
+        meta = Path(c.data.root) / "train_metadata.jsonl"
+        dataset["train_metadata_sha256"] = hashlib.sha256(meta.read_bytes()).hexdigest()
+        dataset["root"] = str(Path(c.data.root).resolve())
+        dataset["model_dir"] = str(Path(c.model.dir).resolve())
+    return {"config": json.loads(json.dumps(c.to_dict(), default=str)), "dataset": dataset}
+
+
+def resume(c, ckpt, state, identity):
+    """Restore ``checkpoint.restore_step`` (-1: the latest), after checking the stored config against ``c``."""
+    step = None if int(c.checkpoint.restore_step) < 0 else int(c.checkpoint.restore_step)
+    restored, host = ckpt.read_host(step)  # the config is compared before any array is read
+    check_resume_config(c, ckpt, restored, host, identity)
+    state, host = ckpt.restore(ckpt_lib.abstract_like(state), restored)
+    newer = [s for s in ckpt.all_steps() if s > restored]
+    if newer:
+        log.warning("restored step %d on request; the newer steps %s are replaced as the run reaches them",
+                    restored, newer)
+    return state, host
+
+
+def check_resume_config(c, ckpt, restored: int, host: dict[str, Any], identity: dict[str, Any]) -> None:
+    if "config" not in host:
+        if not c.checkpoint.allow_config_change:
+            raise ckpt_lib.CheckpointError(
+                f"checkpoint step {restored} in {ckpt.directory} holds no config (written by an older version); "
+                f"pass --config.checkpoint.allow_config_change=true to resume without the comparison")
+        log.warning("resume: step %d holds no config; not compared (checkpoint.allow_config_change)", restored)
+        return
+    flat = ckpt_lib.flatten
+    blocking, safe = ckpt_lib.config_changes({**flat(host["config"]), **flat(host.get("dataset", {}), "dataset.")},
+                                             {**flat(identity["config"]), **flat(identity["dataset"], "dataset.")})
+    for line in safe:
+        log.info("resume: allowed config change %s", line)
+    if blocking:
+        listing = "\n  ".join(blocking)
+        if not c.checkpoint.allow_config_change:
+            raise ckpt_lib.CheckpointError(
+                f"cannot resume from step {restored} in {ckpt.directory}: these fields change the training "
+                f"state or the meaning of the run:\n  {listing}\nUse another run_dir, restore the old values, "
+                f"or pass --config.checkpoint.allow_config_change=true to resume anyway.")
+        log.warning("resume: checkpoint.allow_config_change=true, resuming despite:\n  %s", listing)
+
+
+def empty_epoch(c, epoch: int, count: int, metrics: dict[str, Any]) -> dict[str, float]:
+    """An epoch in which no sample can enter the loss: no optimizer step, a warning, and a stop after
+    ``train.max_empty_epochs`` of them in a row."""
+    reason = (f"{metrics['invalid_rewards']} invalid rewards, {metrics['filtered_groups']} groups filtered, "
+              f"masked fraction {metrics['masked_fraction']:.2f}")
+    if count >= int(c.train.max_empty_epochs):
+        raise EmptyEpochsError(f"epoch {epoch}: {count} epochs in a row without a valid sample "
+                               f"(train.max_empty_epochs={c.train.max_empty_epochs}); last one: {reason}. "
+                               f"Check the rewards (reward.on_error='mask' masks failing samples) and the filter.")
+    log.warning("epoch %d: no valid sample (%s); optimizer step skipped (%d/%d empty epochs in a row)",
+                epoch, reason, count, c.train.max_empty_epochs)
+    return {"train/skipped_empty_epoch": 1.0}
 
 
 def rollouts(c, task, mesh, sampler, state, epoch: int, sizes, timer) -> list[dict[str, Any]]:
@@ -158,8 +236,12 @@ def advantages(c, batches, sampler):
     return adv, filt, metrics
 
 
-def update(c, task, mesh, tx, hp, state, batches, adv, filt, sizes):
-    """The NFT optimizer step(s) of the epoch, then the old-policy soft update (spec B.6, B.8)."""
+def update(c, task, mesh, tx, hp, state, batches, adv, filt, sizes, epoch: int = -1):
+    """The NFT optimizer step(s) of the epoch, then the old-policy soft update (spec B.6, B.8).
+
+    Each step is checked (loss, gradient norm, every LoRA leaf of theta): a non-finite value raises
+    :class:`NonFiniteError` before the caller can save anything.
+    """
     cat = lambda key: jax.tree.map(lambda *xs: jnp.concatenate(xs), *[b[key] for b in batches])  # noqa: E731
     x0, cond, index = cat("x0"), cat("cond"), cat("index")
     per_step = sizes["samples_per_step"]
@@ -172,9 +254,41 @@ def update(c, task, mesh, tx, hp, state, batches, adv, filt, sizes):
                      mask=distributed.to_global(mesh, np.asarray(filt.mask[sl], np.float32)[host]),
                      sigmas=jnp.asarray(task.sigmas_train, jnp.float32))
         state, m = engine.train_step(task.policy, tx, hp, task.base, state, batch)
-        step_metrics.append(jax.device_get(m))
+        m = jax.device_get(m)
+        check_finite(epoch, int(state["step"]), m, state["theta"])
+        step_metrics.append(m)
     state = engine.sync_old_policy(state, int(c.train.decay_type))
     return state, {f"train/{k}": float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/inf; raised before anything is saved, so the last checkpoint stays good."""
+
+
+class EmptyEpochsError(RuntimeError):
+    """train.max_empty_epochs epochs in a row had no sample that could enter the loss."""
+
+
+@jax.jit
+def _finite_leaves(tree):
+    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree)
+
+
+def check_finite(epoch: int, step: int, metrics: dict[str, Any], theta) -> None:
+    """Raise NonFiniteError naming epoch, optimizer step and the first non-finite quantity."""
+    where = f"epoch {epoch}, optimizer step {step}"
+    for name in ("loss", "grad_norm"):
+        if name in metrics and not np.isfinite(metrics[name]):
+            raise NonFiniteError(f"{where}: {name} is {float(metrics[name])}; stopped before saving (the last "
+                                 f"checkpoint is untouched). Check train.learning_rate, train.max_grad_norm and "
+                                 f"the rewards.")
+    flags = jax.device_get(_finite_leaves(theta))
+    for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0]:
+        if not ok:
+            leaf = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+            raise NonFiniteError(f"{where}: LoRA parameter {leaf} of theta is not finite after the update; "
+                                 f"stopped before saving (the last checkpoint is untouched). Check "
+                                 f"train.learning_rate and train.max_grad_norm.")
 
 
 def export_lora(c, path: Path, lora) -> None:
