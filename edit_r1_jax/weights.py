@@ -9,6 +9,8 @@ slices its devices hold.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -284,12 +286,29 @@ def write_streaming(path: str | os.PathLike, specs: Sequence[tuple[str, tuple[in
     os.replace(tmp, path)
 
 
+_NONFINITE: contextvars.ContextVar[str] = contextvars.ContextVar("nonfinite_policy", default="error")
+
+
+@contextlib.contextmanager
+def nonfinite_policy(policy: str):
+    """Within the block, :func:`convert` treats NaN/inf source weights as ``"error"`` (default) or ``"warn"``."""
+    if policy not in ("error", "warn"):
+        raise ValueError(f"nonfinite policy must be 'error' or 'warn', got {policy!r}")
+    token = _NONFINITE.set(policy)
+    try:
+        yield
+    finally:
+        _NONFINITE.reset(token)
+
+
 def convert(source: SafetensorsSource, rules: Sequence[Rule], abstract_state, dst_dir: str | os.PathLike,
             config: Mapping[str, Any], dtype: Any = None, ignore: Sequence[str] = ()) -> Path:
     """Validate ``source`` against the model, then stream it into ``dst_dir`` (params + config.json).
 
     ``dtype``: storage dtype of the converted tensors (default: the model's parameter dtype).
     ``ignore``: regexes of source keys deliberately dropped (e.g. buffers the model recomputes).
+    Errors while streaming name the source key and its file; NaN/inf source values stop the conversion (or
+    warn, see :func:`nonfinite_policy`).
     """
     targets = flat_shapes(abstract_state)
     steps = plan(source, rules, targets, ignore)
@@ -297,9 +316,25 @@ def convert(source: SafetensorsSource, rules: Sequence[Rule], abstract_state, ds
     store = {n: np.dtype(dtype) if dtype is not None else np.dtype(targets[n].dtype) for n in order}
     specs = [(n, tuple(targets[n].shape), store[n]) for n in order]
 
+    policy = _NONFINITE.get()
+    nonfinite: list[str] = []
+
     def produce():
         for s in steps:
-            outs = s.transform(source.get(s.source_key))
+            where = f"{source.file_of(s.source_key)}: source key {s.source_key!r} (-> {', '.join(s.targets)})"
+            try:
+                x = source.get(s.source_key)
+                outs = s.transform(x)
+            except Exception as e:  # noqa: BLE001 - re-raised naming the source key and its file
+                raise ConversionError(f"{where}: cannot read or transform: {type(e).__name__}: {e}") from e
+            if np.issubdtype(x.dtype, np.inexact) or x.dtype == ml_dtypes.bfloat16:
+                bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+                if bad:
+                    msg = f"{where}: {bad} of {np.size(x)} values are NaN or inf"
+                    if policy == "error":
+                        raise ConversionError(msg + " (pass --allow-nonfinite to convert anyway)")
+                    nonfinite.append(msg)
+                    log.warning("%s", msg)
             outs = outs if isinstance(outs, tuple) else (outs,)
             for n, o in zip(s.targets, outs):
                 yield n, np.asarray(o).astype(store[n])

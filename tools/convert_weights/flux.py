@@ -38,7 +38,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="storage dtype of the converted tensors (FLUX ships bf16; float32 is lossless for any source)")
     p.add_argument("--config", default=None, help="diffusers config.json for a single-file source (optional for "
-                                                  "the BFL layout: inferred from shapes)")
+                                                  "a BFL file with head size 128: inferred from shapes; needed "
+                                                  "otherwise, for the RoPE split)")
     p.set_defaults(func=run_transformer)
 
     q = subparsers.add_parser("export-lora", help="our FLUX LoRA checkpoint -> PEFT/diffusers safetensors")
@@ -75,6 +76,13 @@ def convert_transformer(src: str, dst: str, dtype: str = "float32", config: str 
         cfg = json.loads((Path(src) / "config.json").read_text())
     elif bfl:
         cfg = params.infer_bfl_config({k: source.shape(k) for k in keys})
+        if cfg["attention_head_dim"] != 128:
+            # The shapes give the head size but not how RoPE splits it over (index, row, column): FLUX's
+            # (16, 56, 56) holds for 128 only, and a guessed split converts "fine" and computes wrong outputs.
+            raise weights.ConversionError(
+                f"{src}: BFL checkpoint with head size {cfg['attention_head_dim']} (not FLUX's 128): its RoPE "
+                f"split (axes_dims_rope) cannot be inferred from the shapes; pass --config with a diffusers "
+                f"config.json that sets axes_dims_rope")
         log.info("inferred FLUX config from %s: %s", src, cfg)
     else:
         raise weights.ConversionError(f"{src}: diffusers-layout source without config.json; pass --config")
