@@ -25,18 +25,25 @@ log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m edit_r1_jax.edit", description="FLUX.1-Kontext image editing")
-    ap.add_argument("--model", required=True, help="converted Kontext directory (tools.convert_weights kontext)")
-    ap.add_argument("--image", required=True, help="source image")
-    ap.add_argument("--instruction", required=True, help="editing instruction")
+    ap = argparse.ArgumentParser(prog="python -m edit_r1_jax.edit", description=__doc__,
+                                 formatter_class=_HelpFormatter)
+    ap.add_argument("--model", required=True,
+                    help="converted Kontext folder (python -m tools.convert_weights kontext); checked for "
+                         "transformer/, vae/ and both text encoders before loading")
+    ap.add_argument("--image", required=True, help="source image (at least 16x16; cropped to a square)")
+    ap.add_argument("--instruction", required=True, help="editing instruction (non-empty)")
     ap.add_argument("--out", required=True, help="output image path (format from the extension, e.g. .png)")
-    ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--guidance", type=float, default=2.5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=28, help="Euler denoising steps")
+    ap.add_argument("--guidance", type=float, default=2.5, help="FLUX guidance embedding value")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     ap.add_argument("--lora", default=None, help="LoRA .safetensors (ours or PEFT/diffusers) or a folder with one")
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--t5-length", type=int, default=128)
+    ap.add_argument("--resolution", type=int, default=512, help="output side in pixels (a multiple of 16)")
+    ap.add_argument("--t5-length", type=int, default=128, help="T5 tokens per instruction (longer is truncated)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return ap
 
@@ -62,14 +69,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None:
         return _fail(f"cannot tell the output format from {out.name!r}; use e.g. .png or .jpg")
-    if not Path(args.model).is_dir():
-        return _fail(f"model directory not found: {args.model}")
     try:
         pixels = load_image(args.image, args.resolution)
     except FileNotFoundError as e:
         return _fail(str(e))
     except (ImageLoadError, ValueError) as e:
         return _fail(str(e))
+    from edit_r1_jax.folders import FolderError, check_kontext_dir
+
+    try:
+        check_kontext_dir(args.model, "--model")
+    except FolderError as e:
+        return _fail(str(e))
+    if args.lora is not None and not Path(args.lora).exists():
+        return _fail(f"--lora {args.lora}: file or folder not found")
 
     from edit_r1_jax.pipeline import KontextEditor
 

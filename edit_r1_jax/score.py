@@ -18,13 +18,18 @@ import numpy as np
 
 
 def _load_image(path: Path, where: str) -> np.ndarray:
-    from PIL import Image
+    """The image as uint8 RGB; a missing, unreadable or smaller-than-16x16 file stops naming ``where``.
+    The same check serves the command line and the jsonl."""
+    from edit_r1_jax.data.images import MIN_SIDE, ImageLoadError, open_image, to_rgb
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:  # noqa: BLE001 - re-raised naming the input
-        raise SystemExit(f"{where}: cannot read image {path}: {e}") from e
+        im = open_image(path)
+    except (FileNotFoundError, ImageLoadError) as e:
+        raise SystemExit(f"{where}: {e}") from e
+    if min(im.size) < MIN_SIDE:
+        raise SystemExit(f"{where}: image {path} is {im.size[0]}x{im.size[1]}; it must be at least "
+                         f"{MIN_SIDE}x{MIN_SIDE} pixels")
+    return np.asarray(to_rgb(im))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -42,18 +47,25 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edit_r1_jax.score", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="converted Qwen2.5-VL directory (tools.convert_weights qwen2.5-vl)")
-    p.add_argument("--source")
-    p.add_argument("--edited")
-    p.add_argument("--instruction")
-    p.add_argument("--requirement", default="")
-    p.add_argument("--jsonl", help="score many pairs")
-    p.add_argument("--batch-size", type=int, default=8)
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="converted Qwen2.5-VL folder (python -m tools.convert_weights qwen2.5-vl); checked for "
+                        "config.json, params.safetensors and tokenizer files before loading")
+    p.add_argument("--source", help="the source image (one pair on the command line)")
+    p.add_argument("--edited", help="the edited image to score against --source")
+    p.add_argument("--instruction", help="the editing instruction (non-empty)")
+    p.add_argument("--requirement", default="", help="optional extra requirement shown to the judge")
+    p.add_argument("--jsonl", help="score many pairs: one JSON object per line (see above); excludes "
+                                   "--source/--edited/--instruction")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per reward call")
     p.add_argument("--jpeg", action="store_true", help="JPEG q75 round trip of both images (reference client)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
     return p
 
 
@@ -66,9 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not (args.source and args.edited and args.instruction is not None):
             raise SystemExit("need --source, --edited and --instruction (or --jsonl)")
+        if not args.instruction.strip():  # as the jsonl path's required non-empty field
+            raise SystemExit("command line: --instruction is empty")
         rows = [{"where": "command line", "source": _load_image(Path(args.source), "--source"),
                  "edited": _load_image(Path(args.edited), "--edited"), "instruction": args.instruction,
                  "requirement": args.requirement, "source_path": args.source, "edited_path": args.edited}]
+
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    from edit_r1_jax.folders import FolderError, check_qwen_dir
+
+    try:
+        check_qwen_dir(args.model, "--model")
+    except FolderError as e:
+        raise SystemExit(str(e)) from None
 
     import jax.numpy as jnp
 
