@@ -1,4 +1,4 @@
-"""python -m edit_r1_jax.train --config configs/NAME.py[:variant] [--config.field=value ...]
+"""python -m edit_r1_jax.train --config configs/NAME.py[:variant] [--config.field=value ...] [--dry-run]
 
 The Edit-R1 loop (spec E), one epoch at a time:
   group sampler -> condition -> rollout with theta_old -> decode -> reward -> advantages + filter
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import jax
 import jax.experimental.multihost_utils
 import jax.numpy as jnp
 import numpy as np
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -66,7 +67,7 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
                                c.sample.num_batches_per_epoch, c.seed, jax.process_index(), jax.process_count())
         ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", c.checkpoint.max_to_keep)
         start_epoch, empty_epochs = 0, 0
-        identity = run_identity(c, task)
+        identity = run_identity(c, task.num_train_rows)
         if c.resume and ckpt.latest_step() is not None:
             state, host = resume(c, ckpt, state, identity)
             sampler.set_state(host["sampler"])
@@ -123,9 +124,9 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
     return summary
 
 
-def run_identity(c, task) -> dict[str, Any]:
+def run_identity(c, num_train_rows: int) -> dict[str, Any]:
     """What is stored with every checkpoint to recognise the run: the resolved config and the dataset."""
-    dataset: dict[str, Any] = {"num_train_rows": int(task.num_train_rows)}
+    dataset: dict[str, Any] = {"num_train_rows": int(num_train_rows)}
     if c.task == "kontext":
         meta = Path(c.data.root) / "train_metadata.jsonl"
         dataset["train_metadata_sha256"] = hashlib.sha256(meta.read_bytes()).hexdigest()
@@ -336,13 +337,106 @@ def evaluate(c, task, state, epoch: int, writer) -> dict[str, float]:
     return metrics
 
 
+def dry_run(c) -> dict[str, Any]:
+    """Validate config, dataset, model folders and the checkpoint's config without loading any weights; return
+    (and print) the run's sizes. What ``--dry-run`` does."""
+    from edit_r1_jax import folders
+    from edit_r1_jax.data import source as data_source
+
+    mesh = mesh_lib.make_mesh(dict(c.mesh))
+    sizes = config_lib.validate(c, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
+    report: dict[str, Any] = {"task": c.task, "mesh": dict(mesh.shape), **sizes}
+    if c.task == "toy":
+        report.update(train_rows=int(c.toy.num_train_rows), test_rows=int(c.toy.num_test_rows),
+                      model=dict(c.model.dit))
+    else:
+        folders.check_kontext_dir(c.model.dir, "model.dir", text_encoders=not c.data.text_cache)
+        dit = weights.read_config(Path(c.model.dir) / "transformer")
+        report["model"] = {k: dit.get(k) for k in ("num_layers", "num_single_layers", "num_attention_heads",
+                                                   "attention_head_dim")}
+        for split in ("train", "test"):
+            rows = data_source.read_metadata(c.data.root, split, allow_outside_root=bool(c.data.allow_outside_root),
+                                             on_duplicate=str(c.data.on_duplicate))
+            report[f"{split}_rows"] = len(rows)
+            if c.data.text_cache:
+                from edit_r1_jax.embed_text import TextCache
+
+                TextCache(c.data.root, split, c.model.dir)  # exists and matches the encoders; reads no rows
+        if "mllm" in c.reward.weights:
+            folders.check_qwen_dir(c.reward.mllm_dir, "reward.mllm_dir")
+    report["epochs"] = int(c.num_epochs)
+    report["optimizer_steps"] = int(c.num_epochs) * int(c.train.steps_per_epoch)
+    report["images_sampled"] = int(c.num_epochs) * sizes["samples_per_epoch"]
+    ckpt_dir = Path(c.run_dir) / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    report["checkpoint_steps"] = steps
+    if c.resume and steps:
+        ckpt = ckpt_lib.Checkpointer(ckpt_dir, c.checkpoint.max_to_keep)
+        step = None if int(c.checkpoint.restore_step) < 0 else int(c.checkpoint.restore_step)
+        restored, host = ckpt.read_host(step)
+        check_resume_config(c, ckpt, restored, host, run_identity(c, report["train_rows"]))
+        ckpt.close()
+        report["resume_from_step"] = restored
+    for k, v in report.items():
+        print(f"  {k}: {v}")
+    print("dry run OK: config, dataset and model folders are valid; no weights were loaded")
+    return report
+
+
+def help_text(argv: list[str]) -> str:
+    """``train --help``: the override syntax and the selected config's top-level fields with their values."""
+    import importlib.util
+    import textwrap
+
+    path = DEFAULT_CONFIG
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    file, _, variant = path.partition(":")
+    spec = importlib.util.spec_from_file_location("_help_config", file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(variant)
+    lines = [f"usage: python -m edit_r1_jax.train [--config configs/NAME.py[:variant]] [--config.FIELD=VALUE ...] "
+             f"[--dry-run]", "", (__doc__ or "").strip().split("\n", 1)[1].strip(), "",
+             "options:",
+             "  --config PATH[:VARIANT]  training config file (default configs/toy.py)",
+             "  --config.FIELD=VALUE     override one field, dotted, e.g. --config.train.learning_rate=1e-4",
+             "                           --config.checkpoint.restore_step=3 --config.data.root=/data/edits",
+             "  --dry-run                validate config, dataset and model folders without loading weights, "
+             "print the sizes",
+             "  --helpfull               every absl flag", "",
+             f"fields of {path} (top level; groups show their fields = values):"]
+    for key, value in c.items():
+        if hasattr(value, "items"):
+            body = ", ".join(f"{k}={(v.to_dict() if hasattr(v, 'to_dict') else v)!r}" for k, v in value.items())
+            lines += textwrap.wrap(f"{key}: {body}", 116, initial_indent="  ", subsequent_indent="      ")
+        else:
+            lines.append(f"  {key} = {value!r}")
+    return "\n".join(lines)
+
+
+def print_help_if_asked(argv: list[str]) -> None:
+    """absl's own --help prints flags only and exits 1; this one exits 0 with the config's fields."""
+    if any(a in ("--help", "-h", "--help=true") for a in argv[1:]):
+        print(help_text(argv[1:]))
+        sys.exit(0)
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "training config file (path[:variant])")
+_DRY_RUN = flags.DEFINE_bool("dry-run", False, "validate the config, dataset and model folders without loading "
+                                               "weights, print the run's sizes, and exit")
 
 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+    if _DRY_RUN.value:
+        dry_run(_CONFIG.value)
+        return
     t0 = time.time()
     summary = run(_CONFIG.value)
     if jax.process_index() == 0:
@@ -351,4 +445,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    print_help_if_asked(sys.argv)
     app.run(main)
