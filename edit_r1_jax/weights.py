@@ -36,6 +36,17 @@ class ConversionError(ValueError):
     """A checkpoint does not match the model: the message lists every problem."""
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file, with a truncated or malformed one named in the error (not a bare JSONDecodeError)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: truncated or malformed JSON ({e})") from e
+
+
 # --------------------------------------------------------------------------------------------------------
 # Reading PyTorch-written safetensors without torch.
 
@@ -54,7 +65,7 @@ class SafetensorsSource:
             if len(index) > 1:
                 raise ConversionError(f"{self.path}: several index files {[p.name for p in index]}")
             if index:
-                weight_map = json.loads(index[0].read_text())["weight_map"]
+                weight_map = read_json(index[0])["weight_map"]
                 files = sorted({self.path / f for f in weight_map.values()})
                 missing = [str(f) for f in files if not f.exists()]
                 if missing:
@@ -361,7 +372,7 @@ def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(model_dir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {model_dir} a converted model directory?")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 # --------------------------------------------------------------------------------------------------------

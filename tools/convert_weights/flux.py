@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 from pathlib import Path
@@ -71,9 +70,9 @@ def convert_transformer(src: str, dst: str, dtype: str = "float32", config: str 
     if isinstance(config, dict):
         cfg = dict(config)
     elif config is not None:
-        cfg = json.loads(Path(config).read_text())
+        cfg = weights.read_json(config)
     elif Path(src).is_dir() and (Path(src) / "config.json").exists():
-        cfg = json.loads((Path(src) / "config.json").read_text())
+        cfg = weights.read_json(Path(src) / "config.json")
     elif bfl:
         cfg = params.infer_bfl_config({k: source.shape(k) for k in keys})
         if cfg["attention_head_dim"] != 128:
@@ -121,7 +120,7 @@ def export_lora(src: str, dst: str, prefix: str = "transformer", fold_scale: boo
 
     src_p = Path(src)
     tensors = weights.read_tensors(src_p / "lora.safetensors")
-    rank, alpha, targets = _lora_hparams(json.loads((src_p / "config.json").read_text()))
+    rank, alpha, targets = _lora_hparams(weights.read_json(src_p / "config.json"))
     problems = []
     modules = {}
     for k, v in tensors.items():

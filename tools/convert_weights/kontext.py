@@ -16,6 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from edit_r1_jax.weights import read_json
 from tools.convert_weights.text import convert_clip, convert_t5
 from tools.convert_weights.vae import convert_vae
 
@@ -43,7 +44,7 @@ def convert_kontext(src: str | Path, dst: str | Path, dtype=None, skip_text: boo
     if not src.is_dir():
         raise FileNotFoundError(f"pipeline folder not found: {src}")
     index_file = src / "model_index.json"
-    index = json.loads(index_file.read_text()) if index_file.exists() else {}
+    index = read_json(index_file) if index_file.exists() else {}
     for required in ("transformer", "vae"):
         if not (src / required).is_dir():
             raise FileNotFoundError(f"{src / required} not found: is {src} a diffusers FluxKontextPipeline folder?")

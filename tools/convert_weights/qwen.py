@@ -7,7 +7,6 @@ converted directory is everything the reward needs.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -44,7 +43,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None) -> Path:
     cfg_file = src / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} not found")
-    cfg = Qwen2_5_VLConfig.from_hf(json.loads(cfg_file.read_text()))
+    cfg = Qwen2_5_VLConfig.from_hf(weights.read_json(cfg_file))
     store = None if dtype is None else jnp.dtype(dtype)
     weights.convert(weights.SafetensorsSource(src), params.RULES, params.abstract_state(cfg), dst,
                     cfg.to_dict(), dtype=store, ignore=params.ignore_keys(cfg))

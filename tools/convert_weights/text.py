@@ -9,13 +9,12 @@ The tokenizer files are copied into ``DST/tokenizer/`` so that a converted direc
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
 
 from edit_r1_jax.models.text import params as P
-from edit_r1_jax.weights import SafetensorsSource, convert
+from edit_r1_jax.weights import SafetensorsSource, convert, read_json
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ def _config(src: Path) -> dict:
     f = (src if src.is_dir() else src.parent) / "config.json"
     if not f.exists():
         raise FileNotFoundError(f"{f} not found: the text encoder's transformers config.json is needed")
-    return json.loads(f.read_text())
+    return read_json(f)
 
 
 def copy_tokenizer(tokenizer_dir: str | Path | None, dst: str | Path) -> Path | None:

@@ -6,12 +6,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from edit_r1_jax.models.flux import autoencoder_params as P
-from edit_r1_jax.weights import SafetensorsSource, convert
+from edit_r1_jax.weights import SafetensorsSource, convert, read_json
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +30,12 @@ def convert_vae(src: str | Path, dst: str | Path, dtype=None, config: str | Path
         cfg_file = (src if src.is_dir() else src.parent) / "config.json"
         if not cfg_file.exists():
             raise FileNotFoundError(f"{cfg_file} not found: a diffusers-layout VAE needs its config.json")
-        cfg = P.config_from_diffusers(json.loads(cfg_file.read_text()))
+        cfg = P.config_from_diffusers(read_json(cfg_file))
         rules = P.diffusers_rules(cfg)
         ignore = ()
     else:
         if config is not None:
-            cfg = P.config_from_diffusers(json.loads(Path(config).read_text()))
+            cfg = P.config_from_diffusers(read_json(config))
         else:
             cfg = P.infer_ldm_config(source, prefix)
         rules = P.ldm_rules(cfg, prefix)
