@@ -42,7 +42,7 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
     try:
-        return read_json(path)
+        return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: truncated or malformed JSON ({e})") from e
 
