@@ -81,9 +81,10 @@ class Checkpointer:
     def _restore_error(self, step: int, steps: list[int], e: BaseException) -> CheckpointError:
         step_dir = self.directory / str(step)
         bad = diagnose_step(step_dir)
-        found = re.search(r'local file "([^"]+)"', str(e))
-        if found and not bad:
-            bad = [f"{found.group(1)}: unreadable"]
+        # tensorstore names the database folder and then the file it failed on
+        named = [f for f in re.findall(r'local file "([^"]+)"', str(e)) if not f.endswith("/")]
+        if named and not bad:
+            bad = [f"{named[0]}: unreadable"]
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         older = [s for s in steps if s < step]
         hint = (f"restore an older step with --config.checkpoint.restore_step=N (steps: {older}), or move "

@@ -286,7 +286,8 @@ def check_finite(epoch: int, step: int, metrics: dict[str, Any], theta) -> None:
     flags = jax.device_get(_finite_leaves(theta))
     for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0]:
         if not ok:
-            leaf = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+            names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+            leaf = ".".join(n for n in names if n != "value")  # nnx.Variable's own attribute, not a module
             raise NonFiniteError(f"{where}: LoRA parameter {leaf} of theta is not finite after the update; "
                                  f"stopped before saving (the last checkpoint is untouched). Check "
                                  f"train.learning_rate and train.max_grad_norm.")

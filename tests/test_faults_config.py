@@ -1,0 +1,93 @@
+"""Config faults (issue 11): bad numbers and intervals stop at start-up naming the field, before any work;
+``train --help`` exits 0 with the override syntax; ``--dry-run`` validates without loading weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import kontext_mllm, toy
+from edit_r1_jax import config as config_lib
+from edit_r1_jax import train
+from edit_r1_jax.folders import FolderError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("train.learning_rate", float("nan"), "train.learning_rate=nan must be finite"),
+    ("train.learning_rate", -1e-3, "train.learning_rate=-0.001 must be >= 0"),
+    ("train.max_grad_norm", 0.0, "train.max_grad_norm=0.0 must be > 0"),
+    ("train.adam_b1", 1.0, "train.adam_b1=1.0 must be < 1"),
+    ("train.adam_b2", float("inf"), "train.adam_b2=inf must be finite"),
+    ("train.weight_decay", -0.1, "train.weight_decay=-0.1 must be >= 0"),
+    ("checkpoint.every", 0, "checkpoint.every=0 must be >= 1"),
+    ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep=0 must be >= 1"),
+    ("train.max_empty_epochs", 0, "train.max_empty_epochs=0 must be >= 1"),
+    ("eval.batch_size", 0, "eval.batch_size=0 must be >= 1"),
+    ("checkpoint.restore_step", -2, "checkpoint.restore_step=-2 must be >= -1"),
+    ("data.on_duplicate", "ignore", "data.on_duplicate='ignore'"),
+])
+def test_bad_fields_stop_before_any_work(tmp_path, field, value, expect):
+    c = toy.get_config()
+    c.run_dir = str(tmp_path)
+    group, name = field.split(".")
+    c[group][name] = value
+    with pytest.raises(config_lib.ConfigError) as e:
+        train.run(c)
+    assert expect in str(e.value)
+    assert not (tmp_path / "checkpoints").exists()  # nothing ran
+
+
+def test_unused_ema_field_is_gone():
+    assert "ema" not in toy.get_config().train  # the EMA policy is always kept (spec B.7)
+
+
+def test_empty_epoch_guard_and_nonfinite_check_name_the_quantity():
+    with pytest.raises(train.NonFiniteError, match="epoch 3, optimizer step 7: grad_norm is inf"):
+        train.check_finite(3, 7, {"loss": np.float32(0.5), "grad_norm": np.float32(np.inf)}, {})
+    theta = {"blocks": {"0": {"lora_a": np.ones(2, np.float32), "lora_b": np.array([0.0, np.nan], np.float32)}}}
+    with pytest.raises(train.NonFiniteError, match="LoRA parameter blocks.0.lora_b of theta"):
+        train.check_finite(0, 1, {"loss": np.float32(0.5)}, theta)
+
+
+def test_help_exits_zero_with_override_syntax_and_fields():
+    r = subprocess.run([sys.executable, "-m", "edit_r1_jax.train", "--config", "configs/kontext_mllm.py", "--help"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for s in ("--config.FIELD=VALUE", "--dry-run", "fields of configs/kontext_mllm.py", "  train: ",
+              "  lora: ", "  checkpoint: ", "restore_step=-1", "  task = 'kontext'"):
+        assert s in r.stdout, (s, r.stdout)
+
+
+def test_dry_run_toy_prints_sizes(capsys, tmp_path):
+    c = toy.get_config()
+    c.run_dir = str(tmp_path)
+    report = train.dry_run(c)
+    assert report["samples_per_epoch"] == 64 and report["optimizer_steps"] == 240 and report["train_rows"] == 256
+    assert "no weights were loaded" in capsys.readouterr().out
+
+
+def test_dry_run_kontext_checks_folders(tmp_path):
+    c = kontext_mllm.get_config()
+    c.run_dir = str(tmp_path / "run")
+    c.model.dir = str(tmp_path / "no_model")
+    c.data.root = str(tmp_path / "data")
+    c.reward.mllm_dir = str(tmp_path / "no_qwen")
+    c.mesh.data = 1
+    c.sample.rollout_batch_size = c.train.micro_batch_size = c.eval.batch_size = 72
+    with pytest.raises(FolderError, match=r"model.dir .*no_model: folder not found"):
+        train.dry_run(c)
+    (tmp_path / "no_model" / "transformer").mkdir(parents=True)
+    with pytest.raises(FolderError, match=r"missing config.json, params.safetensors"):
+        train.dry_run(c)
+
+
+def test_dry_run_flag_on_the_command_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edit_r1_jax.train", "--dry-run", f"--config.run_dir={tmp_path}",
+                        "--config.checkpoint.every=0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "checkpoint.every=0 must be >= 1" in r.stderr
