@@ -94,5 +94,6 @@ def test_empty_epochs_warn_then_stop(tmp_path, caplog):
     ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
     assert ck.all_steps() == [0]  # the epoch-1 stop saved nothing
     assert ck.read_host(0)[1]["empty_epochs"] == 1
-    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["step"] == 0 and first["train/skipped_empty_epoch"] == 1.0  # no optimizer step was taken
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epoch0 = next(x for x in lines if x.get("epoch") == 0)
+    assert epoch0["step"] == 0 and epoch0["train/skipped_empty_epoch"] == 1.0  # no optimizer step was taken
