@@ -76,6 +76,7 @@ def test_destination_inside_source_is_refused(diffusers_dir, tmp_path):
     assert _snapshot(src) == before  # config.json of the source untouched
 
 
+# A truncated safetensors file was already named before issue 11 (kept as a guard); a truncated config.json was not.
 @pytest.mark.parametrize("which", ["weights", "config.json"])
 def test_truncated_source_names_the_file(diffusers_dir, tmp_path, which):
     src, f = _copy(diffusers_dir, tmp_path)

@@ -97,3 +97,23 @@ def test_empty_epochs_warn_then_stop(tmp_path, caplog):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     epoch0 = next(x for x in lines if x.get("epoch") == 0)
     assert epoch0["step"] == 0 and epoch0["train/skipped_empty_epoch"] == 1.0  # no optimizer step was taken
+
+
+def test_reward_error_names_epoch_split_and_dataset_row(tmp_path):
+    from edit_r1_jax.data.groups import GroupSampler
+
+    if "test_nan_at_3" not in registry.default_registry.names():
+        def nan_at_3(batch):
+            out = np.ones(len(batch["image"]))
+            out[3] = np.nan
+            return out
+
+        registry.default_registry.register("test_nan_at_3", nan_at_3)
+    c = tiny_config(tmp_path)
+    c.reward.weights = ConfigDict({"toy_edit": 1.0, "test_nan_at_3": 1.0})
+    s = c.sample
+    row = GroupSampler(c.toy.num_train_rows, s.groups_per_batch, s.group_size, s.num_batches_per_epoch, c.seed,
+                       0, 1).next_batch().row_ids[3]  # the first rollout call holds samples 0..3 of this draw
+    with pytest.raises(registry.RewardError, match=rf"^epoch 0: dataset row {row} of the train split: reward "
+                                                   rf"'test_nan_at_3' returned nan for sample 3"):
+        train.run(c, max_epochs=1)
