@@ -91,3 +91,36 @@ def test_dry_run_flag_on_the_command_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "edit_r1_jax.train", "--dry-run", f"--config.run_dir={tmp_path}",
                         "--config.checkpoint.every=0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and "checkpoint.every=0 must be >= 1" in r.stderr
+
+
+def test_dry_run_kontext_on_a_converted_tiny_pipeline(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from kontext_tiny import save_and_convert
+
+    _, model = save_and_convert(tmp_path)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for split, n in (("train", 3), ("test", 2)):
+        lines = []
+        for i in range(n):
+            Image.fromarray(np.full((40, 48, 3), 30 * i, np.uint8)).save(data / "images" / f"{split}{i}.png")
+            lines.append(json.dumps({"prompt": f"make it red {i}", "image": f"images/{split}{i}.png"}))
+        (data / f"{split}_metadata.jsonl").write_text("\n".join(lines) + "\n")
+    c = kontext_mllm.get_config()
+    c.update(run_dir=str(tmp_path / "run"))
+    c.model.dir, c.data.root, c.data.text_cache = str(model), str(data), False
+    c.reward.weights = {"toy_edit": 1.0}  # no MLLM folder in this check
+    c.mesh.data = 1
+    report = train.dry_run(c)
+    assert report["train_rows"] == 3 and report["test_rows"] == 2 and report["samples_per_epoch"] == 288
+    assert report["model"]["num_layers"] == 1
+    assert "no weights were loaded" in capsys.readouterr().out
+    # the same dataset with one image path escaping the root is caught by the dry run
+    (data / "train_metadata.jsonl").write_text(json.dumps({"prompt": "x", "image": "../escape.png"}) + "\n")
+    from edit_r1_jax.data.source import DatasetError
+
+    with pytest.raises(DatasetError, match="leaves the dataset root"):
+        train.dry_run(c)
