@@ -47,15 +47,18 @@ def check_qwen_dir(d: str | Path, what: str = "--model") -> Path:
     return d
 
 
-def check_kontext_dir(d: str | Path, what: str = "--model", text_encoders: bool = True) -> Path:
+def check_kontext_dir(d: str | Path, what: str = "--model", text_encoders: bool = True,
+                      components: tuple[str, ...] | None = None) -> Path:
     """A converted Kontext folder (python -m tools.convert_weights kontext): transformer, vae, and (when the
-    instructions are encoded on the fly) both text encoders with their tokenizers."""
+    instructions are encoded on the fly) both text encoders with their tokenizers. ``components`` names the
+    sub-folders to check instead (e.g. only the text encoders, for the text cache builder)."""
     hint = ("not a converted Kontext directory? make one with: "
             "python -m tools.convert_weights kontext --src PIPELINE_DIR --dst DIR")
     d = Path(d)
     if not d.is_dir():
         raise FolderError(f"{what} {d}: folder not found ({hint})")
-    parts = ["transformer", "vae"] + (["text_encoder", "text_encoder_2"] if text_encoders else [])
+    parts = list(components) if components is not None else \
+        ["transformer", "vae"] + (["text_encoder", "text_encoder_2"] if text_encoders else [])
     for part in parts:
         check_converted(d / part, f"{what} {d}: component", hint)
         if part.startswith("text_encoder") and not (d / part / "tokenizer").is_dir():
