@@ -362,6 +362,8 @@ def write_summary(run: RunDir, opts: dict, rows, problems, done: dict, errors: d
                      for r in records if r["status"] != "ok"],
     }
     summary["counts"]["read_errors"] = len(problems)
+    # rows neither judged nor failed (not edited yet: --limit, or an interrupted run); not in "rows"
+    summary["counts"]["pending"] = sum(1 for k in keys if k not in done and k not in errors)
     if opts["judge_mode"] == "logits":
         summary["logits_note"] = ("digit-logit expected scores (first score of each list for GEdit, each "
                                   "criterion from a forced answer line for ImgEdit): a monitoring signal reported "
@@ -410,8 +412,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(r.key not in done and r.key not in errors for r in rows):
         from edit_r1_jax.evaluation.judge import QwenJudge
 
+        import jax
+
+        mesh = None
+        if jax.device_count() > 1:  # the judge's batch over every device (data axis), as the reward
+            from edit_r1_jax.parallel.mesh import make_mesh
+
+            mesh = make_mesh({"data": -1})
         judge = QwenJudge(opts["judge"], batch_size=int(opts["judge_batch_size"]),
-                          max_new_tokens=int(opts["max_new_tokens"]))
+                          max_new_tokens=int(opts["max_new_tokens"]), mesh=mesh)
         judge_rows(judge, rows, run, opts, prm, done, errors)
     summary = write_summary(run, opts, rows, problems, done, errors, prm, str(opts["judge"]))
     print(report.markdown(summary))

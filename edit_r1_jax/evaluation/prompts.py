@@ -51,7 +51,7 @@ DEFAULT_IMGEDIT = (
     "Visual Naturalness: A number from 1 to 5.\nPhysical & Detail Integrity: A number from 1 to 5.\n"
     "editing instruction is : <edit_prompt>.\n\nBelow are the images before and after editing:\n")
 
-_CRITERION = re.compile(r"^\s*([^\n:]{2,60}?)\s*:\s*A number from 1 to 5\.?\s*$", re.MULTILINE | re.IGNORECASE)
+_CRITERION = re.compile(r"^\s*([^\n:]{1,60}?)\s*:\s*A number from 1 to 5\.?\s*$", re.MULTILINE | re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)

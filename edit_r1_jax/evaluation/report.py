@@ -20,7 +20,8 @@ def _header(summary) -> list[str]:
                      "published numbers.**")
     c = summary["counts"]
     lines.append(f"Rows: {c['rows']}; scored {c['scored']}, unparsed judge answers {c['unparsed']} "
-                 f"(left out of the averages), errors {c['errors']}.")
+                 f"(left out of the averages), errors {c['errors']}"
+                 + (f", not yet judged {c['pending']}." if c.get("pending") else "."))
     return lines + [""]
 
 
