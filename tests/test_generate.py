@@ -121,11 +121,13 @@ def test_greedy_matches_transformers(models, with_images):
 def test_rows_do_not_depend_on_their_neighbours(models):
     _, model = models
     rows, images = _prompts(True, np.random.default_rng(7))
-    ids, mask = _left_pad(rows)
-    both = _ours(model, ids, mask, images, eos=[])
-    alone = _ours(model, np.asarray([rows[0]]), np.ones((1, len(rows[0])), np.int64), images[:2], eos=[])
-    np.testing.assert_array_equal(both.tokens[:1], alone.tokens)
-    np.testing.assert_allclose(both.logits[:1], alone.logits, atol=1e-5)
+    other, other_images = _prompts(True, np.random.default_rng(8))  # same shapes: the compiled program is reused
+    a = _ours(model, *_left_pad(rows), images, eos=[])
+    b = _ours(model, *_left_pad([rows[0], other[1]]), images[:2] + other_images[2:], eos=[])
+    np.testing.assert_array_equal(a.tokens[0], b.tokens[0])
+    # the padded row's attention only ever adds exactly-zero weights from the neighbour: float32 rounding
+    np.testing.assert_allclose(a.logits[0], b.logits[0], atol=1e-5)
+    assert (a.tokens[1] != b.tokens[1]).any()
 
 
 def test_temperature_sampling(models):

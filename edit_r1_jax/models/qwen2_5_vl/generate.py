@@ -114,12 +114,15 @@ def embed_inputs(model, input_ids, image_embeds):
 
 
 def _choose(logits, key, temperature):
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logits.astype(jnp.float32) / temperature, axis=-1).astype(jnp.int32)
+    """argmax at temperature 0, else a categorical draw (traced: one program serves every temperature)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    t = jnp.maximum(temperature, jnp.float32(1e-30))
+    drawn = jax.random.categorical(key, logits.astype(jnp.float32) / t, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
 
 
-def _generate(model, cfg: SamplingConfig, input_ids, attention_mask, position_ids, image_embeds, key):
+def _generate(model, cfg: SamplingConfig, input_ids, attention_mask, position_ids, image_embeds, key, eos,
+              temperature):
     tc = model.config.text_config
     B, L = input_ids.shape
     N = cfg.max_new_tokens
@@ -144,7 +147,6 @@ def _generate(model, cfg: SamplingConfig, input_ids, attention_mask, position_id
 
     # every axis continues from the row's largest prompt position (transformers' rope_deltas)
     next_pos = jnp.max(jnp.where(valid[None], position_ids, -1), axis=(0, 2)) + 1  # [B]
-    eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
     V = last_logits.shape[-1]
     logits_buf = jnp.zeros((B, N, V) if cfg.return_logits else (B, 0, V), jnp.float32)
     tokens = jnp.full((B, N), cfg.pad_token_id, jnp.int32)
@@ -158,7 +160,7 @@ def _generate(model, cfg: SamplingConfig, input_ids, attention_mask, position_id
     def body(carry):
         t, tokens, done, lengths, cache_k, cache_v, kv_valid, last_logits, logits_buf, key = carry
         key, sub = jax.random.split(key)
-        tok = _choose(last_logits, sub, cfg.temperature)
+        tok = _choose(last_logits, sub, temperature)
         tok = jnp.where(done, cfg.pad_token_id, tok)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
         if cfg.return_logits:
@@ -182,8 +184,10 @@ def _generate(model, cfg: SamplingConfig, input_ids, attention_mask, position_id
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate_jit(graphdef, cfg, state, input_ids, attention_mask, position_ids, image_embeds, key):
-    return _generate(nnx.merge(graphdef, state), cfg, input_ids, attention_mask, position_ids, image_embeds, key)
+def _generate_jit(graphdef, cfg, state, input_ids, attention_mask, position_ids, image_embeds, key, eos,
+                  temperature):
+    return _generate(nnx.merge(graphdef, state), cfg, input_ids, attention_mask, position_ids, image_embeds, key,
+                     eos, temperature)
 
 
 def generate(model, input_ids, attention_mask, position_ids, image_embeds=None, *, cfg: SamplingConfig,
@@ -211,6 +215,13 @@ def generate(model, input_ids, attention_mask, position_ids, image_embeds=None, 
         raise ValueError(f"prompt holds {n_img} image tokens but image_embeds has {got} rows")
     graphdef, state = graphdef_state if graphdef_state is not None else nnx.split(model)
     key = jax.random.key(seed)
+    # EOS ids and temperature are traced (padded to a fixed count), so changing them does not recompile
+    eos = np.full((8,), -1, np.int32)
+    if len(cfg.eos_token_ids) > 8:
+        raise ValueError(f"at most 8 EOS ids, got {len(cfg.eos_token_ids)}")
+    eos[: len(cfg.eos_token_ids)] = cfg.eos_token_ids
+    static = dataclasses.replace(cfg, eos_token_ids=(), temperature=0.0)
+    extra = (key, jnp.asarray(eos), jnp.float32(cfg.temperature))
     args = [ids, mask, pos, None if image_embeds is None else jnp.asarray(image_embeds)]
     if mesh is not None:
         from jax.sharding import NamedSharding
@@ -220,9 +231,9 @@ def generate(model, input_ids, attention_mask, position_ids, image_embeds=None, 
                 jax.device_put(a, NamedSharding(mesh, rules.partition_spec(sp, a.shape, mesh)))
                 for a, sp in zip(args, specs)]
         with jax.set_mesh(mesh):
-            out = _generate_jit(graphdef, cfg, state, *args, key)
+            out = _generate_jit(graphdef, static, state, *args, *extra)
     else:
-        out = _generate_jit(graphdef, cfg, state, *args, key)
+        out = _generate_jit(graphdef, static, state, *args, *extra)
     tokens, lengths, logits = (np.asarray(jax.device_get(o)) for o in out)
     return Generated(tokens, lengths, logits if cfg.return_logits else None)
 
