@@ -68,7 +68,7 @@ def markdown(summary: dict) -> str:
         lines += ["## Rows not scored", "", "| key | status | where | reason |", "|---|---|---|---|"]
         for p in summary["problems"]:
             reason = str(p.get("error", "")).replace("|", "\\|").replace("\n", " ")[:200]
-            lines.append(f"| {p.get('key')} | {p['status']} | {p.get('where', '')} | {reason} |")
+            lines.append(f"| {p.get('key')} | {p['status']} | {p.get('where') or ''} | {reason} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -83,14 +83,21 @@ def bar_chart(summary: dict, path: str | Path) -> None:
         labels = list(GEDIT_GROUPS) + ["overall"]
         block = agg["fullset"]
         series = {m: [block["groups"][g][m] for g in GEDIT_GROUPS] + [block["overall"][m]] for m in ("SC", "PQ", "O")}
+        if "logits" in agg:  # beside, in grey: never drawn as the benchmark's score
+            lb = agg["logits"]["fullset"]
+            series["O (logits)"] = [lb["groups"][g]["O"] for g in GEDIT_GROUPS] + [lb["overall"]["O"]]
         vmax = 10.0
     else:
         labels = list(IMGEDIT_TYPES) + ["overall"]
         series = {"score": [agg["types"][t]["score"] for t in IMGEDIT_TYPES] + [agg["overall"]["score"]]}
+        if "logits" in agg:
+            lg = agg["logits"]
+            series["score (logits)"] = [lg["types"][t]["score"] for t in IMGEDIT_TYPES] + [lg["overall"]["score"]]
         vmax = 5.0
     colors = [(66, 103, 178), (230, 145, 56), (80, 160, 90)]
+    colors = [(170, 170, 170) if "logits" in name else colors[j % 3] for j, name in enumerate(series)]
     font = ImageFont.load_default()
-    W, H, left, bottom, top = 60 + 64 * len(labels), 360, 40, 90, 50
+    W, H, left, bottom, top = 80 + 64 * len(labels), 380, 40, 120, 50
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     title = summary["bench_title"] + ("" if summary["prompts_official"] else "  [not the official prompts]")
@@ -113,16 +120,16 @@ def bar_chart(summary: dict, path: str | Path) -> None:
                 d.text((x0 + j * bw, top + plot_h - 12), "-", fill="black", font=font)
                 continue
             y = top + plot_h - plot_h * min(v, vmax) / vmax
-            d.rectangle([x0 + j * bw, y, x0 + (j + 1) * bw - 1, top + plot_h], fill=colors[j % 3])
+            d.rectangle([x0 + j * bw, y, x0 + (j + 1) * bw - 1, top + plot_h], fill=colors[j])
         # rotated label
         tw = int(d.textlength(lab, font=font)) + 4
         lab_img = Image.new("RGB", (tw, 12), "white")
         ImageDraw.Draw(lab_img).text((2, 0), lab, fill="black", font=font)
         lab_img = lab_img.rotate(60, expand=True, fillcolor="white")
-        img.paste(lab_img, (int(x0), top + plot_h + 4))
+        img.paste(lab_img, (int(x0 + slot / 2 - lab_img.width / 2) + lab_img.width // 3, top + plot_h + 4))
     for j, name in enumerate(series):
-        d.rectangle([W - 70, 8 + 14 * j, W - 60, 18 + 14 * j], fill=colors[j % 3])
-        d.text((W - 55, 7 + 14 * j), name, fill="black", font=font)
+        d.rectangle([W - 110, 8 + 14 * j, W - 100, 18 + 14 * j], fill=colors[j])
+        d.text((W - 95, 7 + 14 * j), name, fill="black", font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
