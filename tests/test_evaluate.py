@@ -296,3 +296,25 @@ def test_compare_and_config(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"bench": "gedit", "data": str(tmp_path)}))
     assert ev.main(["--config", str(tmp_path / "c.json")]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_reward_prompt_template_option(tmp_path, tmp_path_factory):
+    from qwen_fixtures import qwen_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    from edit_r1_jax.models.qwen2_5_vl import processor as P
+
+    tok = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir(tmp_path_factory.getbasetemp().parent / "qwen_cache")))
+    default = P.PromptBuilder(tok)
+    assert default.template == P.PROMPT_TEMPLATE  # today's text stays the default
+    assert P.PROMPT_TEMPLATE.format(prompt="make it red", requirement="") in default.text("make it red")
+    f = tmp_path / "reward_prompt.txt"
+    f.write_text("Judge the edit: {prompt}. Requirement: {requirement}. Answer 0-5.")
+    custom = P.PromptBuilder(tok, template=str(f))
+    assert "Judge the edit: make it red. Requirement: keep it." in custom.text("make it red", "keep it")
+    assert P.PromptBuilder(tok, template="Inline {prompt}").text("x").count("Inline x") == 1
+    with pytest.raises(ValueError, match="no \\{prompt\\}"):
+        P.resolve_template("no field here")
+    f.write_text("{prompt} {score}")
+    with pytest.raises(ValueError, match="reward_prompt.txt"):
+        P.resolve_template(str(f))

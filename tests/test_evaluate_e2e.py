@@ -83,3 +83,28 @@ def test_tiny_run_resume_and_outputs(setup, tmp_path, capsys):
     capsys.readouterr()
     assert ev.main(["--compare", str(out), str(out)]) == 0
     assert "+0.000" in capsys.readouterr().out or c["scored"] == 0
+
+
+def test_digit_logit_expected_score_matches_transformers(setup):
+    """The 0-10 expectation with "10" as the two tokens "1" "0", and a 1-5 one, against transformers' logits."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from edit_r1_jax.evaluation.judge import QwenJudge, Request
+
+    root, _, judge_dir, _ = setup
+    judge = QwenJudge(judge_dir, batch_size=1)
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "judge_hf").eval()
+    req = Request(images=[], text="Rate the edit from 0 to 10.", prefix='{\n"score" : [')
+    d = judge.digit_ids
+    ids, mask, _, _ = judge._encode_batch([req], extra_ids=[d[1]])
+    with torch.no_grad():
+        logits = ref(input_ids=torch.tensor(ids[mask == 1][None].astype(np.int64))).logits[0].double()
+    p = torch.softmax(logits[-2, d], -1).numpy()          # first digit 0..9
+    q = torch.softmax(logits[-1], -1)[d[0]].item()         # P("0" | ... "1") over the whole vocabulary
+    want = float(np.arange(10) @ p) + p[1] * q * 9         # P(10) = P(1) q moves the "1" mass to 10
+    got = judge.expected_scores([req], 0, 10)[0]
+    # float32 forward on a 2-layer model vs float64 softmax of torch's float32 logits: 1e-5 on a 0-10 score
+    assert abs(got - want) < 1e-5 and abs(want - float(np.arange(10) @ p)) > 1e-6
+    p5 = torch.softmax(logits[-2, d[1:6]], -1).numpy()     # 1-5 read right after the prefix
+    assert abs(judge.expected_scores([req], 1, 5)[0] - float(np.arange(1, 6) @ p5)) < 1e-5
