@@ -315,6 +315,8 @@ def test_reward_prompt_template_option(tmp_path, tmp_path_factory):
     assert P.PromptBuilder(tok, template="Inline {prompt}").text("x").count("Inline x") == 1
     with pytest.raises(ValueError, match="no \\{prompt\\}"):
         P.resolve_template("no field here")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        P.resolve_template(str(tmp_path / "missing.txt"))
     f.write_text("{prompt} {score}")
     with pytest.raises(ValueError, match="reward_prompt.txt"):
         P.resolve_template(str(f))

@@ -278,6 +278,8 @@ def resolve_template(value: str | Path | None) -> str:
     if len(text) < 4096 and "\n" not in text and p.suffix and p.exists():
         text = p.read_text(encoding="utf-8")
         where = str(p)
+    elif "{prompt}" not in text and "\n" not in text and " " not in text and p.suffix:
+        raise FileNotFoundError(f"reward prompt template file not found: {p}")
     else:
         where = "the template string"
     try:
