@@ -37,11 +37,11 @@ log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
 # options pinned in run.json: a resumed run must use the same ones
 PINNED = ("bench", "data", "images", "language", "subset", "model", "lora", "judge", "prompts", "steps", "guidance",
-          "resolution", "seed", "max_new_tokens", "judge_mode", "retry_temperature")
+          "resolution", "seed", "max_new_tokens", "judge_mode", "retry_temperature", "judge_dtype")
 DEFAULTS = dict(bench=None, data=None, images=None, model=None, lora=None, judge=None, out=None, language="en",
                 subset="fullset", prompts=None, judge_mode="generate", steps=28, guidance=2.5, resolution=512,
                 seed=0, batch_size=4, judge_batch_size=4, max_new_tokens=512, retry_temperature=0.7, t5_length=128,
-                limit=None, no_progress=False)
+                judge_dtype="bfloat16", judge_mesh="data=-1", limit=None, no_progress=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--retry-temperature", type=float,
                     help="an unparseable answer is asked once more, sampled at this temperature (default 0.7)")
     ap.add_argument("--t5-length", type=int)
+    ap.add_argument("--judge-dtype", choices=["bfloat16", "float32"], help="judge compute/parameter dtype (bfloat16)")
+    ap.add_argument("--judge-mesh", help="judge mesh, e.g. 'data=-1' (default: batch over every device) or "
+                                         "'fsdp=8' / 'tensor=8' for a judge that does not fit one device")
     ap.add_argument("--limit", type=int, help="only the first N rows (smoke runs)")
     ap.add_argument("--no-progress", action="store_true", default=None)
     return ap
@@ -112,6 +115,17 @@ def resolve_options(args: argparse.Namespace) -> dict:
         if int(opts[k]) < 1:
             raise ValueError(f"{k} must be >= 1, got {opts[k]}")
     return opts
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,tensor=4' -> {"data": 2, "tensor": 4}."""
+    out = {}
+    for part in str(text).split(","):
+        name, eq, size = part.partition("=")
+        if not eq or not size.strip().lstrip("-").isdigit():
+            raise ValueError(f"expected axis=size pairs separated by commas, got {part!r}")
+        out[name.strip()] = int(size)
+    return out
 
 
 def row_seed(base: int, key: str) -> int:
@@ -413,14 +427,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from edit_r1_jax.evaluation.judge import QwenJudge
 
         import jax
+        import jax.numpy as jnp
 
         mesh = None
-        if jax.device_count() > 1:  # the judge's batch over every device (data axis), as the reward
+        if jax.device_count() > 1:  # sharded as the reward: parameters by their logical axes, batch over data/fsdp
             from edit_r1_jax.parallel.mesh import make_mesh
 
-            mesh = make_mesh({"data": -1})
+            try:
+                mesh = make_mesh(parse_mesh(opts["judge_mesh"]))
+            except ValueError as e:
+                return _fail(f"--judge-mesh {opts['judge_mesh']!r}: {e}")
         judge = QwenJudge(opts["judge"], batch_size=int(opts["judge_batch_size"]),
-                          max_new_tokens=int(opts["max_new_tokens"]), mesh=mesh)
+                          max_new_tokens=int(opts["max_new_tokens"]), mesh=mesh,
+                          dtype=getattr(jnp, opts["judge_dtype"]))
         judge_rows(judge, rows, run, opts, prm, done, errors)
     summary = write_summary(run, opts, rows, problems, done, errors, prm, str(opts["judge"]))
     print(report.markdown(summary))

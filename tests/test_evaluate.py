@@ -296,6 +296,9 @@ def test_compare_and_config(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"bench": "gedit", "data": str(tmp_path)}))
     assert ev.main(["--config", str(tmp_path / "c.json")]) == 2
     assert "--model" in capsys.readouterr().err
+    assert ev.parse_mesh("data=2, tensor=4") == {"data": 2, "tensor": 4} and ev.parse_mesh("data=-1") == {"data": -1}
+    with pytest.raises(ValueError, match="axis=size"):
+        ev.parse_mesh("tensor")
 
 
 def test_reward_prompt_template_option(tmp_path, tmp_path_factory):
