@@ -233,11 +233,14 @@ def test_gedit_judge_phase_and_aggregation(tmp_path):
     lines = [json.loads(x) for x in (run.out / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all(x["prompts"] == pr.NOT_OFFICIAL for x in lines)
 
-    # resume: nothing is asked again for judged rows (ok or unparsed)
+    # resume: nothing is asked again for judged rows (ok or unparsed); a line cut by a kill mid-write is
+    # skipped (that row would be judged again), not a crash
+    with (run.out / "results.jsonl").open("a") as f:
+        f.write('{"key": "k9", "status": "o')
     judge2 = ScriptedJudge({})
     done2 = {k: v for k, v in ev.RunDir(run.out, opts).load_results().items()}
     ev.judge_rows(judge2, rows, run, opts, pr.load_gedit_prompts(None), done2, {})
-    assert judge2.calls == []
+    assert judge2.calls == [] and set(done2) == {"k1", "k2", "k3", "k4"}
     with pytest.raises(ValueError, match="other settings"):
         ev.RunDir(run.out, dict(opts, steps=3))
 
