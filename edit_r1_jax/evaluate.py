@@ -283,7 +283,8 @@ def judge_gedit(judge, rows, run, opts, prm: pr.GEditPrompts, sources) -> list[d
                "instruction": r.instruction, "edited": str(run.edited_path(r.key).relative_to(run.out)),
                "answers": {"SC": history[2 * j], "PQ": history[2 * j + 1]}, "prompts": prm.source}
         if sc is None or pq is None:
-            rec.update(status="unparsed", error="; ".join(f"{n}: {e}" for n, e in (("SC", sc_err), ("PQ", pq_err)) if e))
+            why = [f"{n}: {e}" for n, e in (("SC", sc_err), ("PQ", pq_err)) if e]
+            rec.update(status="unparsed", error="; ".join(why))
         else:
             rec.update(status="ok", sc_scores=sc, pq_scores=pq, **agg.gedit_row_scores(sc, pq))
         if logit is not None:

@@ -45,7 +45,8 @@ def test_tiny_run_resume_and_outputs(setup, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--bench", "gedit", "--data", str(data), "--model", str(kontext), "--judge", str(judge),
             "--out", str(out), "--resolution", str(RESOLUTION), "--steps", "2", "--t5-length", str(T5_LENGTH),
-            "--max-new-tokens", "6", "--judge-batch-size", "2", "--judge-dtype", "float32", "--batch-size", "2", "--judge-mode", "logits"]
+            "--max-new-tokens", "6", "--judge-batch-size", "2", "--judge-dtype", "float32", "--batch-size", "2",
+            "--judge-mode", "logits"]
     # half-finished: only the first row
     assert ev.main(argv + ["--limit", "1"]) == 0
     first = out / "images" / "r1.png"

@@ -34,7 +34,8 @@ def gedit_table(block: dict, title: str) -> list[str]:
     lines.append(f"| **overall (mean of groups)** | {o['n']} | {_f(o['SC'])} | {_f(o['PQ'])} | {_f(o['O'])} |")
     if block["groups_without_scores"]:
         lines.append("")
-        lines.append(f"Groups without any scored row (not in the overall mean): {', '.join(block['groups_without_scores'])}.")
+        lines.append("Groups without any scored row (not in the overall mean): "
+                     f"{', '.join(block['groups_without_scores'])}.")
     return lines + [""]
 
 
