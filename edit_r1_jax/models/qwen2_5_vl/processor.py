@@ -261,30 +261,66 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
-def conversation(instruction: str, requirement: str = "") -> list[dict]:
+def conversation(instruction: str, requirement: str = "", template: str = PROMPT_TEMPLATE) -> list[dict]:
     """The reference judge conversation: one user turn [original image, edited image, text]."""
-    text = PROMPT_TEMPLATE.format(prompt=instruction, requirement=requirement or "")
+    text = template.format(prompt=instruction, requirement=requirement or "")
     return [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def resolve_template(value: str | Path | None) -> str:
+    """A reward prompt template: None -> the built-in ``PROMPT_TEMPLATE``; a path to an existing file -> its
+    text; otherwise the string itself. It must hold ``{prompt}`` and may hold ``{requirement}`` (str.format
+    fields; write literal braces as ``{{ }}``)."""
+    if value is None:
+        return PROMPT_TEMPLATE
+    text = str(value)
+    p = Path(text)
+    if len(text) < 4096 and "\n" not in text and p.suffix and p.exists():
+        text = p.read_text(encoding="utf-8")
+        where = str(p)
+    elif "{prompt}" not in text and "\n" not in text and " " not in text and p.suffix:
+        raise FileNotFoundError(f"reward prompt template file not found: {p}")
+    else:
+        where = "the template string"
+    try:
+        text.format(prompt="x", requirement="y")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"reward prompt template from {where}: only {{prompt}} and {{requirement}} fields are "
+                         f"allowed (write literal braces as {{{{ }}}}): {e!r}") from e
+    if "{prompt}" not in text:
+        raise ValueError(f"reward prompt template from {where} has no {{prompt}} field")
+    return text
 
 
 class PromptBuilder:
     """Token ids of the judge prompt with each ``<|image_pad|>`` expanded to that image's token count."""
 
-    def __init__(self, tokenizer, image_token: str = "<|image_pad|>"):
+    def __init__(self, tokenizer, image_token: str = "<|image_pad|>", template: str | Path | None = None):
         self.tokenizer = tokenizer
         self.image_token = image_token
+        self.template = resolve_template(template)  # default: today's built-in PROMPT_TEMPLATE
         ids = tokenizer.encode(image_token, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(f"{image_token!r} is not a single token in this tokenizer: {ids}")
         self.image_token_id = ids[0]
 
     def text(self, instruction: str, requirement: str = "") -> str:
-        return self.tokenizer.apply_chat_template(conversation(instruction, requirement), tokenize=False,
+        return self.tokenizer.apply_chat_template(conversation(instruction, requirement, self.template),
+                                                  tokenize=False, add_generation_prompt=True)
+
+    def chat_text(self, content: Sequence[dict]) -> str:
+        """Any one-turn user message (content items ``{"type": "image"}`` / ``{"type": "text", "text": ...}``)
+        through the chat template, with the assistant turn opened."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": list(content)}], tokenize=False,
                                                   add_generation_prompt=True)
 
     def __call__(self, instruction: str, requirement: str, grids: Sequence[Sequence[int]],
                  merge_size: int = 2) -> list[int]:
-        ids = self.tokenizer.encode(self.text(instruction, requirement), add_special_tokens=False)
+        return self.expand(self.text(instruction, requirement), grids, merge_size)
+
+    def expand(self, text: str, grids: Sequence[Sequence[int]], merge_size: int = 2) -> list[int]:
+        """Token ids of ``text`` with its i-th ``<|image_pad|>`` expanded to image i's token count."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
         slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(slots) != len(grids):
             raise ValueError(f"prompt has {len(slots)} image slots, {len(grids)} images given")
