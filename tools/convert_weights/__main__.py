@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-MODULES = ("flux", "vae", "text", "kontext", "qwen")
+MODULES = ("flux", "vae", "text", "kontext", "qwen", "qwen_image")
 
 
 def build_parser() -> argparse.ArgumentParser:
