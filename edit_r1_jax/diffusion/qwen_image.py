@@ -2,7 +2,7 @@
 
 Latents
     The VAE latent of a ``H x W`` image is ``[B, H/8, W/8, 16]`` (NHWC here), normalised per channel
-    ``(z - latents_mean) / latents_std`` (:func:`normalize` / :func:`denormalize`), then packed 2x2 into tokens
+    ``(z - latents_mean) / latents_std`` (``QwenImageVAE.normalize`` / ``denormalize``), then packed 2x2 into tokens
     ``[B, (H/16)*(W/16), 64]`` with the same feature order as diffusers' ``_pack_latents``
     (``edit_r1_jax.diffusion.latents.pack`` / ``unpack``, re-exported here). The edit reference image's packed tokens
     are concatenated after the generated image's on the sequence axis.
@@ -33,7 +33,7 @@ import numpy as np
 
 from edit_r1_jax.diffusion.latents import pack, unpack
 
-__all__ = ["pack", "unpack", "img_shapes_for", "position_ids", "normalize", "denormalize", "read_scheduler_config",
+__all__ = ["pack", "unpack", "img_shapes_for", "position_ids", "read_scheduler_config",
            "mu_for", "sigmas", "timesteps", "VAE_SCALE", "QWEN_IMAGE_SCHEDULER"]
 
 VAE_SCALE = 8  # pixels per latent pixel; a packed token covers 16x16 pixels
@@ -91,20 +91,6 @@ def position_ids(img_shapes: Sequence[Sequence[int]], txt_len: int, *, scale_rop
         max_index = max(max_index, last)
     txt = (max_index + np.arange(int(txt_len)))[:, None].repeat(3, axis=1)
     return np.concatenate(ids, axis=0).astype(np.int32), txt.astype(np.int32)
-
-
-def normalize(z, latents_mean, latents_std):
-    """Raw VAE mean ``[..., C]`` (channels last) -> model latents ``(z - mean) / std``."""
-    mean = np.asarray(latents_mean, np.float32)
-    std = np.asarray(latents_std, np.float32)
-    return (z - mean.astype(z.dtype)) / std.astype(z.dtype)
-
-
-def denormalize(z, latents_mean, latents_std):
-    """Model latents -> VAE latents ``z * std + mean`` (the pipeline writes ``z / (1/std) + mean``)."""
-    mean = np.asarray(latents_mean, np.float32)
-    std = np.asarray(latents_std, np.float32)
-    return z * std.astype(z.dtype) + mean.astype(z.dtype)
 
 
 def read_scheduler_config(model_dir: str | Path) -> dict:

@@ -78,7 +78,7 @@ def convert_vae(src, dst, dtype=None) -> Path:
     out_cfg = {**cfg.to_diffusers(), "_class_name": "QwenImageVAE"}
     log.info("qwen-image VAE %s: base_dim %d, z_dim %d", src, cfg.base_dim, cfg.z_dim)
     return weights.convert(weights.SafetensorsSource(src), params.vae_rules(), params.vae_abstract_state(cfg),
-                           dst, out_cfg, dtype=_store_dtype(dtype))
+                           dst, out_cfg, dtype=_store_dtype(dtype), ignore=params.VAE_IGNORE)
 
 
 def _convert_text_encoder(src: Path, tok_dirs: list[Path], dst: Path, dtype) -> None:

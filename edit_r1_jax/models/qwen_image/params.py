@@ -3,8 +3,10 @@
 * ``transformer_rules()``: diffusers ``QwenImageTransformer2DModel`` layout -> ``QwenImageTransformer`` paths: near
   identity (``X.weight -> X.kernel`` transposed, RMSNorm ``weight -> scale``, the additional-t embedding table
   ``weight -> embedding``).
-* ``vae_rules()``: diffusers ``AutoencoderKLQwenImage`` layout -> ``QwenImageVAE`` paths (causal 3-D conv kernels
-  OIDHW -> DHWIO, 2-D convs OIHW -> HWIO, RMS_norm ``gamma [C,1,1(,1)] -> scale [C]``).
+* ``vae_rules()``: diffusers ``AutoencoderKLQwenImage`` layout -> ``QwenImageVAE`` paths: causal 3-D conv kernels
+  keep their last temporal tap (``OIDHW[:, :, -1]`` -> HWIO; the only tap that meets data on single frames, see
+  ``autoencoder.py``), 2-D convs OIHW -> HWIO, RMS_norm ``gamma [C,1,1(,1)] -> scale [C]``; ``VAE_IGNORE``: the
+  temporal resampling convs, unused on single frames.
 * ``load_transformer(dir, mesh=None, seed=0, **overrides) -> (config, graphdef, base_state, lora_state)`` for
   ``lora.apply``; ``load_vae(dir) -> QwenImageVAE``.
 * LoRA export to the PEFT/diffusers layout is the generic ``export-lora`` subcommand
@@ -18,7 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
-from edit_r1_jax.weights import CONV2D, CONV3D, COPY, LINEAR, Rule
+from edit_r1_jax.weights import CONV2D, COPY, LINEAR, Rule
 
 _NORM = r"(?:.*\.norm_(?:added_)?[qk]|txt_norm)"
 
@@ -36,14 +38,22 @@ def _flatten(x):
     return x.reshape(-1)
 
 
+def _causal_last_tap(x):
+    """OIDHW causal 3-D kernel -> HWIO kernel of its last temporal tap."""
+    return x[:, :, -1].transpose(2, 3, 1, 0)
+
+
+VAE_IGNORE = (r".*\.time_conv\.(?:weight|bias)",)
+
+
 def vae_rules() -> tuple[Rule, ...]:
-    # 2-D convs: the resample convs (``resample.1``) and the mid-block attention's 1x1 convs; everything else
-    # that carries a 5-D weight is a causal 3-D conv.
+    # 2-D convs: the resample convs (``resample.1``) and the attention blocks' 1x1 convs; every other weight is a
+    # causal 3-D conv. Keys of ``VAE_IGNORE`` match no rule (weights.convert drops only unmatched keys).
     return (
         Rule(r"(.*)\.gamma", (r"\1.scale",), _flatten),
         Rule(r"(.*\.(?:resample\.1|to_qkv|proj))\.weight", (r"\1.kernel",), CONV2D),
-        Rule(r"(.*)\.weight", (r"\1.kernel",), CONV3D),
-        Rule(r"(.*)\.bias", (r"\1.bias",), COPY),
+        Rule(r"(?!.*\.time_conv\.)(.*)\.weight", (r"\1.kernel",), _causal_last_tap),
+        Rule(r"(?!.*\.time_conv\.)(.*)\.bias", (r"\1.bias",), COPY),
     )
 
 
