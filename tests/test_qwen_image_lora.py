@@ -2,12 +2,13 @@
 export to the PEFT/diffusers layout read back by diffusers.
 
 Tolerances: forward as tests/test_qwen_image_transformer.py (STRICT_RTOL = 2e-6 of max|output| with torch's float32
-timestep frequencies, RTOL = 3e-5 as shipped). LoRA gradients: GRAD_RTOL = 5e-5 of max|grad| per tensor (the
-backward sums over every token and goes through two LoRA factors, so float32 roundoff is larger than forward).
+timestep frequencies, RTOL = 3e-5 as shipped). LoRA gradients (without and with per-block remat): GRAD_RTOL = 5e-5 of max|grad| per
+tensor (the backward sums over every token and goes through two LoRA factors: float32 roundoff is larger).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -20,7 +21,7 @@ from flax import nnx
 from edit_r1_jax import weights
 from edit_r1_jax.models import lora as L
 from edit_r1_jax.models.qwen_image import modeling, params
-from edit_r1_jax.models.qwen_image.modeling import qwen_image_velocity
+from edit_r1_jax.models.qwen_image.modeling import QwenImageTransformer, qwen_image_velocity
 from test_qwen_image_transformer import (RTOL, STRICT_RTOL, TINY_CONFIGS, convert_diffusers, load_model, make_inputs,
                                          make_torch_model, torch_forward, torch_timestep_features)
 from tools.convert_weights.__main__ import main as convert_main
@@ -111,10 +112,15 @@ def test_random_lora_matches_peft_forward_and_grads(setup, monkeypatch):
 
     w = np.random.default_rng(0).standard_normal(out.shape).astype(np.float32)
 
-    def loss(lora_state):
-        return jnp.sum(L.apply(g, base, lora_state, *_args(inp), fn=qwen_image_velocity) * w)
+    def loss(graphdef, lora_state):
+        return jnp.sum(L.apply(graphdef, base, lora_state, *_args(inp), fn=qwen_image_velocity) * w)
 
-    grads = L.lora_to_flat(jax.jit(jax.grad(loss))(lora))
+    # Gradients without remat and with per-block remat (what training uses), each against torch.
+    model = nnx.merge(g, base, setup["lora"])
+    remat_cfg = dataclasses.replace(model.config, remat_policy="full")
+    g_remat = L.split_policy(nnx.eval_shape(lambda: QwenImageTransformer(remat_cfg, rngs=nnx.Rngs(0))))[0]
+    grads = {name: L.lora_to_flat(jax.jit(jax.grad(lambda l, gd=gd: loss(gd, l)))(lora))
+             for name, gd in (("plain", g), ("remat", g_remat))}
     hidden = np.concatenate([inp["x_t"], inp["ref"]], 1)
     tout = tm(hidden_states=torch.from_numpy(hidden), encoder_hidden_states=torch.from_numpy(inp["prompt"]),
               encoder_hidden_states_mask=torch.from_numpy(inp["mask"]), timestep=torch.from_numpy(inp["sigma"]),
@@ -123,17 +129,19 @@ def test_random_lora_matches_peft_forward_and_grads(setup, monkeypatch):
     named = dict(tm.named_parameters())
     last = f"transformer_blocks.{setup['dcfg']['num_layers'] - 1}"
     errs = []
-    for k, gr in grads.items():
-        mod, ab = k.rsplit(".", 1)
-        tg = named[f"{mod}.lora_{ab[-1].upper()}.default.weight"].grad
-        if mod in (f"{last}.attn.to_add_out", f"{last}.attn.add_q_proj"):
-            # The last block's text output feeds nothing (the model returns image tokens), so neither its text
-            # output projection nor its text queries get a gradient: exactly zero here, zero or None in torch.
-            assert not np.any(np.asarray(gr)) and (tg is None or not torch.any(tg)), k
-            continue
-        tg = tg.numpy().T
-        errs.append(np.abs(np.asarray(gr) - tg).max() / np.abs(tg).max())
-    assert max(errs) < GRAD_RTOL, f"max relative LoRA grad error {max(errs):.2e}"
+    for name in grads:
+        for k, gr in grads[name].items():
+            mod, ab = k.rsplit(".", 1)
+            tg = named[f"{mod}.lora_{ab[-1].upper()}.default.weight"].grad
+            if mod in (f"{last}.attn.to_add_out", f"{last}.attn.add_q_proj"):
+                # The last block's text output feeds nothing (the model returns image tokens), so neither its text
+                # output projection nor its text queries get a gradient: exactly zero here, zero or None in torch.
+                assert not np.any(np.asarray(gr)) and (tg is None or not torch.any(tg)), (name, k)
+                continue
+            tg = tg.numpy().T
+            errs.append(np.abs(np.asarray(gr) - tg).max() / np.abs(tg).max())
+    assert len(errs) == 2 * (len(grads["plain"]) - 4)
+    assert np.max(errs) < GRAD_RTOL, f"max relative LoRA grad error {np.max(errs):.2e}"  # NaN fails too
 
 
 def test_export_lora_loads_into_diffusers(setup):
@@ -164,3 +172,4 @@ def test_export_lora_loads_into_diffusers(setup):
     pipe.load_lora_weights(str(exported.parent), weight_name=exported.name)
     ref2 = torch_forward(pipe.transformer, inp)[:, :n]
     assert np.abs(out - ref2).max() / np.abs(ref2).max() < RTOL
+

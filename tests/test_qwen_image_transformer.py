@@ -13,6 +13,7 @@ text mask with padding at different lengths per row (diffusers masks text keys o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -200,3 +201,31 @@ def test_config_roundtrip_and_errors(tmp_path):
     with pytest.raises(weights.ConversionError, match="transformer_blocks.1"):
         convert_main(["qwen-image-transformer", "--src", str(src), "--dst", str(tmp_path / "out")])
     assert not (tmp_path / "out" / weights.PARAMS_FILE).exists()
+
+
+def test_full_size_structure_matches_diffusers():
+    """The default config is the released 20B model: at full width (2 of the 60 identical blocks, to keep the
+    abstract init fast) every parameter shape equals diffusers' through the real rules (meta tensors, nothing
+    allocated), and the 60-block parameter count equals diffusers' default model."""
+    import re
+
+    from diffusers import QwenImageTransformer2DModel
+
+    from edit_r1_jax.models.qwen_image import params
+
+    with torch.device("meta"):
+        full = QwenImageTransformer2DModel()  # diffusers defaults = Qwen-Image / Qwen-Image-Edit-2509
+        tm = QwenImageTransformer2DModel(num_layers=2)
+    cfg = QwenImageConfig.from_diffusers(dict(full.config))
+    assert (cfg.num_layers, cfg.inner_dim, cfg.joint_attention_dim, cfg.out_dim) == (60, 3072, 3584, 64)
+    ours = weights.flat_shapes(params.transformer_abstract_state(dataclasses.replace(cfg, num_layers=2)))
+    mapped = {}
+    for key, p in tm.state_dict().items():
+        rule, m = next((r, m) for r in params.transformer_rules() if (m := re.fullmatch(r.pattern, key)))
+        mapped[m.expand(rule.targets[0])] = tuple(p.shape[::-1]) if rule.transform.__name__ == "LINEAR" \
+            else tuple(p.shape)
+    assert mapped == {k: tuple(v.shape) for k, v in ours.items()}
+    per_block = sum(int(np.prod(v.shape)) for k, v in ours.items() if k.startswith("transformer_blocks.0."))
+    n_ours = sum(int(np.prod(v.shape)) for v in ours.values()) + 58 * per_block
+    n_ref = sum(p.numel() for p in full.parameters())
+    assert n_ours == n_ref and 20.0e9 < n_ref < 20.6e9, (n_ours, n_ref)  # "20B"
