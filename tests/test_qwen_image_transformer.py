@@ -229,3 +229,24 @@ def test_full_size_structure_matches_diffusers():
     n_ours = sum(int(np.prod(v.shape)) for v in ours.values()) + 58 * per_block
     n_ref = sum(p.numel() for p in full.parameters())
     assert n_ours == n_ref and 20.0e9 < n_ref < 20.6e9, (n_ours, n_ref)  # "20B"
+
+
+def test_layered_variant_additional_t_cond_and_layer3d_rope(tmp_path):
+    """use_additional_t_cond + use_layer3d_rope (Qwen-Image-Layered): the condition image on frame -1, a learned
+    2-entry timestep addition. Full-sequence output through __call__."""
+    dcfg = dict(TINY_CONFIGS["base"], num_layers=1, use_additional_t_cond=True, use_layer3d_rope=True)
+    tm = make_torch_model(dcfg, seed=5)
+    model = load_model(convert_diffusers(tm, tmp_path))
+    inp = make_inputs(dcfg, seed=6)
+    img_ids, txt_ids = Q.position_ids(inp["img_shapes"], inp["prompt"].shape[1], layer3d=True)
+    hidden = np.concatenate([inp["x_t"], inp["ref"]], 1)
+    cond = np.array([0, 1])
+    with torch.no_grad():
+        ref = tm(hidden_states=torch.from_numpy(hidden), encoder_hidden_states=torch.from_numpy(inp["prompt"]),
+                 encoder_hidden_states_mask=torch.from_numpy(inp["mask"]), timestep=torch.from_numpy(inp["sigma"]),
+                 img_shapes=[list(inp["img_shapes"])] * 2, additional_t_cond=torch.from_numpy(cond)).sample.numpy()
+    out = np.asarray(nnx.jit(lambda m, *a: m(*a[:-1], additional_t_cond=a[-1]))(
+        model, hidden, inp["prompt"], inp["mask"], inp["sigma"], img_ids, txt_ids, cond))
+    assert np.abs(out - ref).max() / np.abs(ref).max() < RTOL
+    with pytest.raises(ValueError, match="additional_t_cond"):
+        model(hidden, inp["prompt"], inp["mask"], inp["sigma"], img_ids, txt_ids)

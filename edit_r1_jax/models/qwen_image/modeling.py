@@ -194,16 +194,20 @@ def timestep_features(t, dim: int = 256, max_period: float = 10000.0, scale: flo
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+class _Embed(nnx.Module):
+    """torch ``nn.Embedding`` table ``embedding [num, dim]``."""
+
+    def __init__(self, num, dim, param_dtype, rngs):
+        self.embedding = rules.param(jax.random.normal(rngs.params(), (num, dim), param_dtype), (None, "embed"))
+
+
 class TimeTextEmbed(nnx.Module):
     """diffusers ``QwenTimestepProjEmbeddings`` (timestep embedder + optional 2-entry additional embedding)."""
 
     def __init__(self, cfg: QwenImageConfig, mk, rngs):
         self.timestep_embedder = TimestepEmbedding(256, cfg.inner_dim, mk, "time_text_embed.timestep_embedder")
-        self.addition_t_embedding = None
-        if cfg.use_additional_t_cond:
-            self.addition_t_embedding = _LinearHolder()
-            self.addition_t_embedding.embedding = rules.param(
-                jax.random.normal(rngs.params(), (2, cfg.inner_dim), cfg.param_dtype), (None, "embed"))
+        self.addition_t_embedding = _Embed(2, cfg.inner_dim, cfg.param_dtype, rngs) if cfg.use_additional_t_cond \
+            else None
 
     def __call__(self, timestep, additional_t_cond=None):
         emb = self.timestep_embedder(timestep_features(timestep))
