@@ -123,3 +123,33 @@ def test_config_and_conversion_checks(vaes, tmp_path):
     cfg_file.write_text(cfg_file.read_text().replace('"num_res_blocks": 2', '"num_res_blocks": 1'))
     with pytest.raises(weights.ConversionError, match="missing"):
         convert_main(["qwen-image-vae", "--src", str(tmp_path / "bad"), "--dst", str(tmp_path / "out")])
+
+
+def test_full_size_structure_matches_diffusers():
+    """The default config is Qwen-Image's VAE: every diffusers parameter (meta tensors) maps through the real rules
+    onto our parameter of the same shape, except the temporal resampling convs, which are dropped on purpose."""
+    import re
+
+    import jax
+    from diffusers import AutoencoderKLQwenImage
+
+    from edit_r1_jax.models.qwen_image import params
+    from edit_r1_jax.models.qwen_image.autoencoder import QwenImageVAEConfig
+
+    with torch.device("meta"):
+        tm = AutoencoderKLQwenImage()
+    cfg = QwenImageVAEConfig.from_diffusers(dict(tm.config))
+    assert cfg == QwenImageVAEConfig()
+    ours = {k: tuple(v.shape) for k, v in weights.flat_shapes(params.vae_abstract_state(cfg)).items()}
+    mapped, dropped = {}, []
+    for key, p in tm.state_dict().items():
+        hit = next(((r, m) for r in params.vae_rules() if (m := re.fullmatch(r.pattern, key))), None)
+        if hit is None:
+            assert any(re.fullmatch(i, key) for i in params.VAE_IGNORE), key
+            dropped.append(key)
+            continue
+        rule, m = hit
+        out = jax.eval_shape(rule.transform, jax.ShapeDtypeStruct(tuple(p.shape), np.float32))
+        mapped[m.expand(rule.targets[0])] = tuple(out.shape)
+    assert mapped == ours
+    assert len(dropped) == 8 and all(".time_conv." in k for k in dropped)  # 2 down3d + 2 up3d, weight + bias
