@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-MODULES = ("flux", "vae", "text", "kontext", "qwen")
+MODULES = ("flux", "vae", "text", "kontext", "qwen", "qwen_image")
 FILE_DESTINATIONS = ("export-lora",)  # subcommands whose --dst is one file (written atomically by itself)
 
 log = logging.getLogger("tools.convert_weights")
