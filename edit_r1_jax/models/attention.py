@@ -180,7 +180,7 @@ def _block_size(length: int, block: int, multiple: int = 8) -> tuple[int, int]:
 
 
 DEFAULT_BLOCK_Q = 256
-DEFAULT_BLOCK_K = 256
+DEFAULT_BLOCK_K = 512
 
 
 def flash_attention(q, k, v, mask=None, *, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
