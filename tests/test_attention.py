@@ -163,6 +163,10 @@ def test_splash_interpret_matches_xla():
     got = _out_and_grads(lambda q, k, v: attention(q, k, v, mask=mask, implementation="splash", interpret=True),
                          q, k, v, g)
     _assert_close(got, _out_and_grads(_xla(mask), q, k, v, g), F32_TOL)
+    # No mask, length a multiple of the block: the lazy FullMask path (one block, cheap in interpret mode).
+    q, k, v, g = _inputs(1, 128, 128, 2, 2, 32, seed=1)
+    got = _out_and_grads(lambda q, k, v: attention(q, k, v, implementation="splash", interpret=True), q, k, v, g)
+    _assert_close(got, _out_and_grads(_xla(None), q, k, v, g), F32_TOL)
 
 
 def test_splash_refuses_what_it_cannot_take():

@@ -198,6 +198,8 @@ def flash_attention(q, k, v, mask=None, *, block_q: int = DEFAULT_BLOCK_Q, block
         return jnp.pad(x, ((0, 0), (0, 0), (0, lp - x.shape[2]), (0, 0))) if lp != x.shape[2] else x
 
     if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
         Bm, Hm = mask.shape[0], mask.shape[1]
         mask = jnp.broadcast_to(mask, (Bm, Hm, Lq, Lk))
         mask = mask.reshape(Bm, Hk, G, Lq, Lk) if Hm == H else mask.reshape(Bm, 1, 1, Lq, Lk)
@@ -266,14 +268,21 @@ def _splash_attention(q, k, v, mask, *, interpret: bool, block: int = 128):
     B, Lq, H, D = q.shape
     Lk, Hk = k.shape[1], k.shape[2]
     Lqp, Lkp = -(-Lq // block) * block, -(-Lk // block) * block
-    dense = np.ones((H, Lq, Lk), bool) if mask is None else np.broadcast_to(_static_mask(mask)[0], (H, Lq, Lk))
-    full = np.zeros((H, Lqp, Lkp), bool)
-    full[:, :Lq, :Lk] = dense
-    full[:, Lq:, 0] = True
+    if mask is None and (Lqp, Lkp) == (Lq, Lk):
+        head_masks = [sa.FullMask((Lq, Lk))] * H  # lazy: no dense [Lq, Lk] array
+    else:
+        m = np.ones((1, Lq, Lk), bool) if mask is None else _static_mask(mask)[0]
+        m = np.broadcast_to(m, (m.shape[0], Lq, Lk))
+        padded = np.zeros((m.shape[0], Lqp, Lkp), bool)
+        padded[:, :Lq, :Lk] = m
+        padded[:, Lq:, 0] = True
+        # One mask object per distinct head mask (splash deduplicates them): a head-shared mask stays one array.
+        per = [sa.NumpyMask(padded[h]) for h in range(padded.shape[0])]
+        head_masks = per * H if len(per) == 1 else per
     sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    kernel = sa.make_splash_mha(sa.MultiHeadMask([sa.NumpyMask(full[h]) for h in range(H)]), block_sizes=sizes,
-                                head_shards=1, q_seq_shards=1, interpret=interpret)
+    kernel = sa.make_splash_mha(sa.MultiHeadMask(head_masks), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
 
     def prep(x, lp):  # [B, L, h, D] -> [B, h, Lp, D]
         x = jnp.swapaxes(x, 1, 2)
