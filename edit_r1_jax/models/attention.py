@@ -1,34 +1,55 @@
 """Scaled dot-product attention shared by all edit_r1_jax models.
 
 ``attention(q, k, v, *, mask=None, implementation=None)`` takes ``q``/``k``/``v`` of shape ``[B, L, H, D]``
-(``k``/``v`` may have fewer heads for GQA) and returns ``[B, Lq, H, D]`` in ``q.dtype``. It wraps
-``jax.nn.dot_product_attention``; the logits are accumulated and the softmax is evaluated in float32 regardless of
-the input dtype (jax's XLA path promotes the logits to float32 and runs softmax in float32; cuDNN does the same
-internally), so float32 inputs give float32-exact semantics and bf16 inputs get f32 softmax statistics.
+(``k``/``v`` may have fewer heads for GQA; query head ``h`` reads kv head ``h // (H // Hkv)``, as ``repeat_kv``) and
+returns ``[B, Lq, H, D]`` in ``q.dtype``. ``mask`` is boolean, broadcastable to ``[B, H, Lq, Lk]``, True = attend.
+Logits are accumulated and the softmax statistics are kept in float32 whatever the input dtype, on every path.
 
 ``implementation``:
-    * ``None`` (auto): on GPU ``"cudnn"`` when the inputs are bf16/fp16 (cuDNN flash attention supports only those),
-        otherwise ``"xla"``; on TPU and CPU ``"xla"`` (XLA fuses the attention; no Pallas splash kernel is wired in).
-    * ``"xla"``: always the XLA reference implementation.
-    * ``"cudnn"``: cuDNN fused attention; raises if it is unavailable (never a silent fallback).
+    * ``None`` / ``"auto"``: GPU with bf16/fp16 inputs -> ``"cudnn"``; TPU -> ``"splash"`` when the mask is
+      static (see below), else ``"flash"``; CPU and GPU with float32 -> ``"flash"`` on CPU (measured faster than
+      XLA there, ``bench/attention.py``), ``"xla"`` on GPU float32 (not measured). Every choice is logged once with
+      its reason.
+    * ``"xla"``: ``jax.nn.dot_product_attention``'s XLA implementation (materialises the [B, H, Lq, Lk] logits).
+    * ``"flash"``: :func:`flash_attention`, plain JAX, blocked over queries and keys with an online softmax and a
+      custom VJP that recomputes the probabilities block by block (FlashAttention-2 backward; only the output and
+      two float32 statistics per query row are saved). Runs on every backend.
+    * ``"cudnn"``: cuDNN fused attention (GPU, bf16/fp16 only); raises if unavailable (never a silent fallback).
+    * ``"splash"``: the Pallas TPU *splash* attention kernel (``jax.experimental.pallas.ops.tpu.splash_attention``).
+      It takes no mask, or a mask whose value is known at trace time (built from numpy/constants, e.g. the
+      Qwen2.5-VL vision window masks) and that is the same for every batch element and has no fully masked row;
+      splash turns it into a block-sparse schedule. A traced (data-dependent) mask, such as the language model's
+      padding mask, is refused with a ValueError (auto mode sends it to ``"flash"`` and logs why).
+      Pass ``interpret=True`` to run the kernel in Pallas interpret mode (CPU tests).
+
+Fully masked query rows: every path here returns what ``jax.nn.dot_product_attention`` returns, i.e. the masked
+logits are replaced by ``-0.7 * float32_max`` so such a row attends uniformly to all keys (its output is the mean
+of ``v``; its gradient reaches ``v`` only). splash refuses static masks with such rows.
 
 Which implementation runs is logged once per (implementation, backend, dtype) via the python logger
-``edit_r1_jax.attention`` (INFO), including the reason when auto mode picks XLA on a GPU.
+``edit_r1_jax.attention`` (INFO).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 logger = logging.getLogger("edit_r1_jax.attention")
 
 _LOGGED: set = set()
 _LOCK = threading.Lock()
-_VALID = (None, "xla", "cudnn")
+_VALID = (None, "auto", "xla", "flash", "cudnn", "splash")
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# The value jax.nn.dot_product_attention writes into masked float32 logits (jax/_src/nn/functions.py
+# _get_large_negative); using the same one makes fully masked rows agree with it.
+_MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
 def _log_once(impl: str, backend: str, dtype, reason: str) -> None:
@@ -40,42 +61,306 @@ def _log_once(impl: str, backend: str, dtype, reason: str) -> None:
     logger.info("attention implementation=%s backend=%s dtype=%s (%s)", impl, backend, dtype, reason)
 
 
-def resolve_implementation(implementation: str | None, dtype) -> tuple[str, str]:
-    """Returns (implementation, reason) that ``attention`` will use for inputs of ``dtype``."""
+# ------------------------------------------------------------------------------------------------ flash (plain JAX)
+
+
+def _loop(n, body, init):
+    """``body(i, carry)`` for i < n: inline when there is a single block, else a ``fori_loop`` (one compiled body
+    whatever the length, so the program stays small under 57 DiT blocks)."""
+    if n == 1:
+        return body(0, init)
+    return lax.fori_loop(0, n, body, init)
+
+
+def _blk(x, i, size, axis):
+    if isinstance(i, int):
+        return lax.slice_in_dim(x, i * size, (i + 1) * size, axis=axis)
+    return lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
+
+
+def _put(buf, x, i, size, axis):
+    return lax.dynamic_update_slice_in_dim(buf, x, i * size, axis=axis)
+
+
+def _scores(qi, kj, maskb, j, bk, lk, lkp, scale):
+    """float32 logits of one [bq, bk] block; user-masked -> _MASKED (as jax), padded keys -> -inf (never count)."""
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * scale
+    if maskb is not None:
+        s = jnp.where(maskb, s, _MASKED)
+    if lkp != lk:
+        col = lax.broadcasted_iota(jnp.int32, s.shape, s.ndim - 1) + j * bk
+        s = jnp.where(col < lk, s, -jnp.inf)
+    return s
+
+
+def _mask_blk(mask, i, j, bq, bk):
+    return None if mask is None else _blk(_blk(mask, i, bq, 3), j, bk, 4)
+
+
+def _flash_fwd(q, k, v, mask, scale, bq, bk, lk):
+    """q [B, Hk, G, Lqp, D], k/v [B, Hk, Lkp, D], mask None or bool [Bm, Hm, Gm, Lqp, Lkp].
+    Returns out (q.dtype), row max m and row sum l (float32, [B, Hk, G, Lqp])."""
+    B, Hk, G, Lqp, D = q.shape
+    Lkp = k.shape[2]
+    nq, nk = Lqp // bq, Lkp // bk
+
+    def q_body(i, carry):
+        out, ms, ls = carry
+        qi = _blk(q, i, bq, 3)
+
+        def k_body(j, c):
+            m, l, acc = c
+            s = _scores(qi, _blk(k, j, bk, 2), _mask_blk(mask, i, j, bq, bk), j, bk, lk, Lkp, scale)
+            m_new = jnp.maximum(m, s.max(-1))
+            alpha = jnp.exp(m - m_new)  # m starts at -inf; block 0 always holds a real key, so m_new is finite
+            p = jnp.exp(s - m_new[..., None])
+            pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), _blk(v, j, bk, 2),
+                            preferred_element_type=jnp.float32)
+            return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+        stat = (B, Hk, G, bq)
+        m, l, acc = _loop(nk, k_body, (jnp.full(stat, -jnp.inf, jnp.float32), jnp.zeros(stat, jnp.float32),
+                                       jnp.zeros((*stat, D), jnp.float32)))
+        o = (acc / l[..., None]).astype(q.dtype)
+        if nq == 1:
+            return o, m, l
+        return _put(out, o, i, bq, 3), _put(ms, m, i, bq, 3), _put(ls, l, i, bq, 3)
+
+    stat = (B, Hk, G, Lqp)
+    return _loop(nq, q_body, (jnp.zeros(q.shape, q.dtype), jnp.zeros(stat, jnp.float32),
+                              jnp.zeros(stat, jnp.float32)))
+
+
+def _flash_bwd(q, k, v, mask, o, m, l, do, scale, bq, bk, lk):
+    """FlashAttention-2 backward: outer loop over key blocks (dk, dv accumulate in the carry), inner over query
+    blocks (dq accumulates in place); P = exp(s - m) / l is recomputed per block."""
+    Lqp, Lkp = q.shape[3], k.shape[2]
+    nq, nk = Lqp // bq, Lkp // bk
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # rowsum(dO * O) = rowsum(P * dP)
+    # Kept as (m, 1/l) rather than logsumexp: in a fully masked row m = -2.4e38 and m + log(Lk) rounds back to m,
+    # which would lose the 1/Lk of the uniform row.
+    inv_l = 1.0 / l
+
+    def k_body(j, carry):
+        dq, dk, dv = carry
+        kj, vj = _blk(k, j, bk, 2), _blk(v, j, bk, 2)
+
+        def q_body(i, c):
+            dq, dkj, dvj = c
+            qi, doi = _blk(q, i, bq, 3), _blk(do, i, bq, 3)
+            mb = _mask_blk(mask, i, j, bq, bk)
+            s = _scores(qi, kj, mb, j, bk, lk, Lkp, scale)
+            p = jnp.exp(s - _blk(m, i, bq, 3)[..., None]) * _blk(inv_l, i, bq, 3)[..., None]
+            dvj = dvj + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do.dtype), doi, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bhgqd,bhkd->bhgqk", doi, vj, preferred_element_type=jnp.float32)
+            ds = p * (dp - _blk(delta, i, bq, 3)[..., None])
+            if mb is not None:  # masked logits are constants: no gradient (matters only in fully masked rows)
+                ds = jnp.where(mb, ds, 0.0)
+            ds = (ds * scale).astype(q.dtype)
+            dqi = jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj, preferred_element_type=jnp.float32)
+            dkj = dkj + jnp.einsum("bhgqk,bhgqd->bhkd", ds, qi, preferred_element_type=jnp.float32)
+            dq = dq + dqi if nq == 1 else _put(dq, _blk(dq, i, bq, 3) + dqi, i, bq, 3)
+            return dq, dkj, dvj
+
+        zero = jnp.zeros((*k.shape[:2], bk, k.shape[3]), jnp.float32)
+        dq, dkj, dvj = _loop(nq, q_body, (dq, zero, zero))
+        if nk == 1:
+            return dq, dkj, dvj
+        return dq, _put(dk, dkj, j, bk, 2), _put(dv, dvj, j, bk, 2)
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    return _loop(nk, k_body, init)
+
+
+def _block_size(length: int, block: int, multiple: int = 8) -> tuple[int, int]:
+    """(block, padded length): as few blocks as ``block`` allows, sized evenly so padding stays small."""
+    n = -(-length // block)
+    b = -(-(-(-length // n)) // multiple) * multiple
+    return b, n * b
+
+
+# Chosen on XLA:CPU (2 cores, 8 heads x 64, 2176 tokens) side by side with 64x128, 128x256, 128x512, 256x256,
+# 512x512, 256x1024 and full-row blocks: 256x512 was fastest forward and tied for forward+backward; XLA's
+# batched dot loses efficiency on smaller tiles, larger ones fall out of cache. Re-tune with bench/attention.py.
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_K = 512
+
+
+def flash_attention(q, k, v, mask=None, *, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
+    """Blocked attention in plain JAX (see the module docstring). q/k/v ``[B, L, H, D]``, mask bool broadcastable to
+    ``[B, H, Lq, Lk]``. Lengths need not divide the blocks: inputs are padded and padded keys never count."""
+    B, Lq, H, D = q.shape
+    Lk, Hk = k.shape[1], k.shape[2]
+    G = H // Hk
+    bq, Lqp = _block_size(Lq, block_q)
+    bk, Lkp = _block_size(Lk, block_k)
+    scale = 1.0 / math.sqrt(D)
+
+    def heads_major(x, lp):  # [B, L, h, D] -> [B, h, Lp, D]: contiguous per-head blocks for the batched dots
+        x = jnp.swapaxes(x, 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, lp - x.shape[2]), (0, 0))) if lp != x.shape[2] else x
+
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        Bm, Hm = mask.shape[0], mask.shape[1]
+        mask = jnp.broadcast_to(mask, (Bm, Hm, Lq, Lk))
+        mask = mask.reshape(Bm, Hk, G, Lq, Lk) if Hm == H else mask.reshape(Bm, 1, 1, Lq, Lk)
+        if (Lqp, Lkp) != (Lq, Lk):
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, Lqp - Lq), (0, Lkp - Lk)))
+
+    def fwd(q, k, v, mask):
+        qh = heads_major(q, Lqp).reshape(B, Hk, G, Lqp, D)
+        kh, vh = heads_major(k, Lkp), heads_major(v, Lkp)
+        o, m, l = _flash_fwd(qh, kh, vh, mask, scale, bq, bk, Lk)
+        out = jnp.swapaxes(o.reshape(B, H, Lqp, D)[:, :, :Lq], 1, 2)
+        return out, (qh, kh, vh, mask, o, m, l)
+
+    def bwd(res, g):
+        qh, kh, vh, mask, o, m, l = res
+        do = heads_major(g, Lqp).reshape(B, Hk, G, Lqp, D)
+        dq, dk, dv = _flash_bwd(qh, kh, vh, mask, o, m, l, do, scale, bq, bk, Lk)
+        dq = jnp.swapaxes(dq.reshape(B, H, Lqp, D)[:, :, :Lq], 1, 2).astype(q.dtype)
+        dk = jnp.swapaxes(dk[:, :, :Lk], 1, 2).astype(k.dtype)
+        dv = jnp.swapaxes(dv[:, :, :Lk], 1, 2).astype(v.dtype)
+        return dq, dk, dv, None
+
+    @jax.custom_vjp
+    def core(q, k, v, mask):
+        return fwd(q, k, v, mask)[0]
+
+    core.defvjp(fwd, bwd)
+    return core(q, k, v, mask)
+
+
+# ------------------------------------------------------------------------------------------------ splash (TPU Pallas)
+
+
+def _static_mask(mask):
+    """The mask as numpy if its value is known at trace time, else None."""
+    if mask is None:
+        return None
+    try:
+        return np.asarray(mask)
+    except jax.errors.TracerArrayConversionError:
+        return None
+
+
+def _splash_problem(q, k, mask) -> str | None:
+    """Why splash cannot take these inputs (None if it can)."""
+    if q.shape[2] % k.shape[2]:
+        return f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads"
+    if mask is None:
+        return None
+    m = _static_mask(mask)
+    if m is None:
+        return "the mask is traced (data-dependent); splash needs a mask known at trace time"
+    if m.shape[0] != 1:
+        return f"the mask differs per batch element (shape {m.shape}); splash takes one mask for the batch"
+    full = np.broadcast_to(m, (1, m.shape[1], q.shape[1], k.shape[1]))
+    if not full.any(-1).all():
+        return "the mask has fully masked query rows"
+    return None
+
+
+def _splash_attention(q, k, v, mask, *, interpret: bool, block: int = 128):
+    """q/k/v [B, L, H, D] through the splash MHA kernel (vmapped over the batch). Lengths are padded to the
+    128-lane block; padded keys are masked out, padded queries attend to key 0 and are dropped."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    B, Lq, H, D = q.shape
+    Lk, Hk = k.shape[1], k.shape[2]
+    Lqp, Lkp = -(-Lq // block) * block, -(-Lk // block) * block
+    if mask is None and (Lqp, Lkp) == (Lq, Lk):
+        head_masks = [sa.FullMask((Lq, Lk))] * H  # lazy: no dense [Lq, Lk] array
+    else:
+        m = np.ones((1, Lq, Lk), bool) if mask is None else _static_mask(mask)[0]
+        m = np.broadcast_to(m, (m.shape[0], Lq, Lk))
+        padded = np.zeros((m.shape[0], Lqp, Lkp), bool)
+        padded[:, :Lq, :Lk] = m
+        padded[:, Lq:, 0] = True
+        # One mask object per distinct head mask (splash deduplicates them): a head-shared mask stays one array.
+        per = [sa.NumpyMask(padded[h]) for h in range(padded.shape[0])]
+        head_masks = per * H if len(per) == 1 else per
+    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sa.make_splash_mha(sa.MultiHeadMask(head_masks), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+
+    def prep(x, lp):  # [B, L, h, D] -> [B, h, Lp, D]
+        x = jnp.swapaxes(x, 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, lp - x.shape[2]), (0, 0)))
+
+    qh = prep(q * jnp.asarray(1.0 / math.sqrt(D), q.dtype), Lqp)  # splash does not scale the logits
+    out = jax.vmap(kernel)(qh, prep(k, Lkp), prep(v, Lkp))
+    return jnp.swapaxes(out[:, :, :Lq], 1, 2)
+
+
+# ------------------------------------------------------------------------------------------------ selection
+
+
+def resolve_implementation(implementation: str | None, dtype, q=None, k=None, mask=None) -> tuple[str, str]:
+    """Returns (implementation, reason) that ``attention`` will use. ``q``/``k``/``mask`` are needed to judge
+    whether splash can take the inputs (TPU, or when splash is requested)."""
     if implementation not in _VALID:
         raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {_VALID}")
     backend = jax.default_backend()
+    half = jnp.dtype(dtype) in _HALF
     if implementation == "cudnn":
         if backend != "gpu":
             raise RuntimeError(f"attention implementation 'cudnn' requested but the default backend is {backend!r}")
-        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        if not half:
             raise RuntimeError(f"attention implementation 'cudnn' requires bf16/fp16 inputs, got {jnp.dtype(dtype)}")
         return "cudnn", "requested"
-    if implementation == "xla":
-        return "xla", "requested"
+    if implementation == "splash":
+        problem = _splash_problem(q, k, mask) if q is not None else None
+        if problem:
+            raise ValueError(f"attention implementation 'splash' cannot take these inputs: {problem}")
+        return "splash", "requested"
+    if implementation in ("xla", "flash"):
+        return implementation, "requested"
     # auto
     if backend == "gpu":
-        if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        if half:
             return "cudnn", "auto: GPU with half-precision inputs"
-        return "xla", f"auto: GPU but dtype {jnp.dtype(dtype)} is not supported by cuDNN flash attention"
-    return "xla", f"auto: backend {backend} (no fused kernel wired in, XLA attention runs)"
+        return "xla", f"auto: GPU, dtype {jnp.dtype(dtype)} is not supported by cuDNN flash attention"
+    if backend == "tpu":
+        problem = _splash_problem(q, k, mask) if q is not None else None
+        if problem:
+            return "flash", f"auto: TPU but splash cannot take the inputs ({problem}); blocked plain-JAX attention"
+        return "splash", "auto: TPU, Pallas splash attention"
+    return "flash", f"auto: backend {backend}, blocked plain-JAX attention (faster than XLA's there)"
 
 
-def attention(q, k, v, *, mask=None, implementation: str | None = None):
+def attention(q, k, v, *, mask=None, implementation: str | None = None, interpret: bool = False):
     """Multi-head attention on ``[B, L, H, D]`` tensors; ``mask`` is a boolean array broadcastable to
-    ``[B, H, Lq, Lk]`` (True = attend). Scale is ``1/sqrt(D)``."""
+    ``[B, H, Lq, Lk]`` (True = attend). Scale is ``1/sqrt(D)``. ``interpret`` runs splash in Pallas interpret
+    mode (CPU tests only)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects [B, L, H, D] inputs, got {q.shape}, {k.shape}, {v.shape}")
-    impl, reason = resolve_implementation(implementation, q.dtype)
-    _log_once(impl, jax.default_backend(), q.dtype, reason)
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention: incompatible q{q.shape} k{k.shape} v{v.shape} (kv heads must divide q heads)")
     if mask is not None:
-        mask = jnp.asarray(mask, dtype=bool)
-        while mask.ndim < 4:
-            mask = mask[None]
-    try:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-    except Exception as e:  # never fall back silently
-        if impl == "cudnn":
-            raise RuntimeError(f"cuDNN attention failed for q{q.shape} {q.dtype}: {e}") from e
-        raise
+        mask = jnp.asarray(mask) if _static_mask(mask) is None else np.asarray(mask)
+        if mask.dtype != bool:
+            raise ValueError(f"attention mask must be boolean (True = attend), got {mask.dtype}")
+        if mask.ndim > 4:
+            raise ValueError(f"attention mask must broadcast to [B, H, Lq, Lk], got shape {mask.shape}")
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        if mask.shape[1] not in (1, q.shape[2]):
+            raise ValueError(f"attention mask heads {mask.shape[1]} must be 1 or {q.shape[2]}")
+    impl, reason = resolve_implementation(implementation, q.dtype, q, k, mask)
+    _log_once(impl, jax.default_backend(), q.dtype, reason)
+    if impl == "flash":
+        out = flash_attention(q, k, v, None if mask is None else jnp.asarray(mask))
+    elif impl == "splash":
+        out = _splash_attention(q, k, v, mask, interpret=interpret)
+    else:
+        jmask = None if mask is None else jnp.asarray(mask)
+        try:
+            out = jax.nn.dot_product_attention(q, k, v, mask=jmask, implementation=impl)
+        except Exception as e:  # never fall back silently
+            if impl == "cudnn":
+                raise RuntimeError(f"cuDNN attention failed for q{q.shape} {q.dtype}: {e}") from e
+            raise
     return out.astype(q.dtype)
