@@ -18,11 +18,24 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+# Checkpoints are numbered by epochs done and named like the LoRA exports and sample grids: epoch_000120.
+STEP_PREFIX, STEP_DIGITS = "epoch", 6
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}_{step:0{STEP_DIGITS}d}"
+
+
+def step_dir(ckpt: "Checkpointer", step: int) -> Path:
+    return ckpt.directory / step_name(step)
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, max_to_keep: int | None = 3):
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, step_prefix=STEP_PREFIX, step_format_fixed_length=STEP_DIGITS))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
