@@ -118,7 +118,7 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
                 writer.image_grid("train", done, task.source_images(b["inputs"])[:n], b["images"][:n],
                                   b["rewards"][:n], [task.caption(r) for r in b["local_rows"][:n]])
             bar.set_postfix(reward=f"{epoch_metrics['reward_mean']:.3f}",
-                            loss=f"{epoch_metrics['train/total_loss']:.4f}")
+                            loss=f"{epoch_metrics['train/total_loss']:.4f}", refresh=False)
             summary["last"] = epoch_metrics
             if done % c.checkpoint.every == 0 or done == end_epoch:
                 with timer("checkpoint"):
