@@ -298,7 +298,7 @@ def evaluate(c, task, state, epoch: int, writer) -> dict[str, float]:
                               [task.caption(x, "test") for x in batch_rows[local][:n]])
     all_r = np.concatenate(rewards)
     metrics = {"eval/reward_mean": float(np.nanmean(all_r)), **task.eval_extra_metrics(all_r)}
-    writer.write(int(state["step"]), metrics)
+    writer.write(epoch, metrics)  # the run's one counter: epochs done
     log.info("eval at epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
     return metrics
 

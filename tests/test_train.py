@@ -56,12 +56,14 @@ def _files(root):
 def test_resume_is_bitwise_exact(tmp_path):
     ca = tiny_config(tmp_path / "a")
     ca.eval.every = 2  # held-out evaluation at 0 and 2 epochs done (it reads the EMA only: training unchanged)
-    straight = train.run(ca)
     c = tiny_config(tmp_path / "b")
+    for x in (ca, c):  # two optimizer steps per epoch: the optimizer step and the epoch counter differ
+        x.train.steps_per_epoch = 2
+    straight = train.run(ca)
     first = train.run(c, max_epochs=1)
-    assert int(first["state"]["step"]) == 1
+    assert int(first["state"]["step"]) == 2
     resumed = train.run(c)  # picks up the epoch-0 checkpoint, sampler state and all
-    assert int(resumed["state"]["step"]) == 2
+    assert int(resumed["state"]["step"]) == 4
     for a, b in zip(_leaves(straight["state"]), _leaves(resumed["state"])):
         np.testing.assert_array_equal(a, b)
     # The run actually trained: theta moved away from the initial B = 0 ...
@@ -69,14 +71,14 @@ def test_resume_is_bitwise_exact(tmp_path):
     theta2, old2 = _flat(straight["state"]["theta"]), _flat(straight["state"]["theta_old"])
     assert any(np.abs(v).max() > 0 for k, v in theta2.items() if "lora_b" in k)
     # ... and theta_old followed it once per epoch by spec B.8 (decay_type 1): theta_old <- d theta_old +
-    # (1 - d) theta with d = min(0.001 * step, 0.5) after `step` optimizer steps (one per epoch here).
-    # Epoch 1 from theta_old = initial theta, whose B is zero: theta_old's B = (1 - 0.001) theta's B.
+    # (1 - d) theta with d = min(0.001 * step, 0.5) after `step` optimizer steps (two per epoch here).
+    # Epoch 1 from theta_old = initial theta, whose B is zero: theta_old's B = (1 - 0.002) theta's B.
     # Epoch 2 from epoch 1's theta_old (the resumed run equals the straight one bitwise, so `first` is the
     # straight run after one epoch). float32 blend: 1 ulp-level differences.
     for k in theta1:
         if "lora_b" in k:
-            np.testing.assert_allclose(old1[k], (1 - 0.001) * theta1[k], rtol=1e-6, atol=1e-9, err_msg=k)
-        np.testing.assert_allclose(old2[k], 0.002 * old1[k] + (1 - 0.002) * theta2[k], rtol=1e-6, atol=1e-9,
+            np.testing.assert_allclose(old1[k], (1 - 0.002) * theta1[k], rtol=1e-6, atol=1e-9, err_msg=k)
+        np.testing.assert_allclose(old2[k], 0.004 * old1[k] + (1 - 0.004) * theta2[k], rtol=1e-6, atol=1e-9,
                                    err_msg=k)
     assert any(np.abs(v).max() > 0 for k, v in old1.items() if "lora_b" in k)
     assert not all(np.array_equal(old2[k], theta2[k]) for k in theta2)  # a blend, not a copy
@@ -89,7 +91,7 @@ def test_resume_is_bitwise_exact(tmp_path):
         "eval_000000.png", "eval_000002.png", "train_000001.png", "train_000002.png"]
     lines = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "reward_mean" in x] == [1, 2]
-    assert [x["optimizer_step"] for x in lines if "reward_mean" in x] == [1, 2]
+    assert [x["optimizer_step"] for x in lines if "reward_mean" in x] == [2, 4]
     assert [x["step"] for x in lines if "eval/reward_mean" in x] == [0, 2]
     assert sorted(straight["eval"]) == [0, 2]
     assert straight["checkpoint"] == str((a / "checkpoints" / "epoch_000002").absolute())
