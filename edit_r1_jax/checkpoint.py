@@ -25,6 +25,18 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+# Checkpoints are numbered by epochs done and named like the LoRA exports and sample grids: epoch_000120.
+STEP_PREFIX, STEP_DIGITS = "epoch", 6
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}_{step:0{STEP_DIGITS}d}"
+
+
+def step_dir(ckpt: "Checkpointer", step: int) -> Path:
+    return ckpt.directory / step_name(step)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint step cannot be restored, or does not belong to this run's config."""
 
@@ -33,7 +45,8 @@ class Checkpointer:
     def __init__(self, directory: str | Path, max_to_keep: int | None = 3):
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, step_prefix=STEP_PREFIX, step_format_fixed_length=STEP_DIGITS))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -79,7 +92,7 @@ class Checkpointer:
         return step, out.host
 
     def _restore_error(self, step: int, steps: list[int], e: BaseException) -> CheckpointError:
-        step_dir = self.directory / str(step)
+        step_dir = step_dir(self, step)
         bad = diagnose_step(step_dir)
         # tensorstore names the database folder and then the file it failed on
         named = [f for f in re.findall(r'local file "([^"]+)"', str(e)) if not f.endswith("/")]

@@ -533,19 +533,37 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-def format_recommendation(r: dict, devices: int, chip: str) -> str:
+def recommended_overrides(r: dict, config, micro_batch: int | None = None) -> list[str]:
+    """The ``--config.`` flags that make the trainer run what ``r`` (a :func:`recommend` result) planned: the
+    mesh, the remat policy when the plan needed another one, and the global micro-batch for ``--micro-batch``."""
+    if r["best"] is None:
+        return []
+    m = r["best"]["mesh"]
+    out = [f"--config.mesh.{a}={m[a]}" for a in MESH_AXES]
+    if r["remat_policy"] != str(config.model.remat_policy):
+        out.append(f"--config.model.remat_policy={r['remat_policy']}")
+    if micro_batch is not None:
+        out.append(f"--config.train.micro_batch_size={micro_batch * m['data'] * m['fsdp']}")
+    return out
+
+
+def format_recommendation(r: dict, devices: int, chip: str, command: Sequence[str] = ()) -> str:
+    """``command``: the trainer's command line (config and the overrides given to plan) to extend."""
     if r["best"] is None:
         return (f"recommended mesh: none of the meshes over {devices} {chip} devices fits, even with remat 'full' "
                 f"(reduce the micro-batch or use a bigger chip)")
     b = r["best"]
     m = b["mesh"]
-    out = [f"recommended mesh for {devices} x {chip}: --config.mesh.data={m['data']} --config.mesh.fsdp={m['fsdp']} "
-           f"--config.mesh.tensor={m['tensor']} (peak {b['peak'] / GB:.2f} GB, remat {r['remat_policy']}"
+    out = [f"recommended mesh for {devices} x {chip}: data={m['data']},fsdp={m['fsdp']},tensor={m['tensor']} "
+           f"(peak {b['peak'] / GB:.2f} GB, remat {r['remat_policy']}"
            + (", changed from the configured policy: nothing fits with it" if r["changed_policy"] else "") + ")"]
     for a in r["alternatives"]:
         am = a["mesh"]
         out.append(f"  also fits: data={am['data']},fsdp={am['fsdp']},tensor={am['tensor']} "
                    f"(peak {a['peak'] / GB:.2f} GB)")
+    out.append("overrides: " + " ".join(r["overrides"]))
+    if command:
+        out.append("command:   " + " ".join([*command, *r["overrides"]]))
     return "\n".join(out)
 
 
@@ -573,7 +591,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices = result["plan"]["devices"]
     else:
         devices = args.devices
-    result["recommendation"] = recommend(config, devices, args.chip, **kw)
+    rec = result["recommendation"] = recommend(config, devices, args.chip, **kw)
+    rec["overrides"] = recommended_overrides(rec, config, args.micro_batch)
+    # the overrides given to plan come first: the recommendation's flags after them win if both set a field
+    rec["command"] = " ".join(["python -m edit_r1_jax.train", "--config", args.config, *rest, *rec["overrides"]])
     if args.json:
         json.dump(result, sys.stdout, indent=1, default=float)
         print()
@@ -584,7 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif result["recommendation"]["best"] is not None:
             print(format_plan(result["recommendation"]["best"]))
             print()
-        print(format_recommendation(result["recommendation"], devices, args.chip))
+        print(format_recommendation(rec, devices, args.chip,
+                                    ["python -m edit_r1_jax.train", "--config", args.config, *rest]))
     return 0
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from edit_r1_jax import engine, weights
 from edit_r1_jax.data import toy
@@ -85,6 +86,15 @@ class Task:
         return (inputs["source"] + 1) / 2
 
 
+def toy_flux_config(c) -> FluxConfig:
+    """The toy's DiT: the FLUX code at ``config.model.dit`` sizes over 2x2 RGB patches (12 features)."""
+    t = c.toy
+    return FluxConfig(**dict(c.model.dit), in_channels=12, joint_attention_dim=int(t.text_dim),
+                      pooled_projection_dim=int(t.text_dim), guidance_embeds=False, dtype=c.model.dtype,
+                      param_dtype=c.model.param_dtype, remat_policy=c.model.remat_policy,
+                      attention_impl=c.model.attention_impl or None, lora=lora_config(c))
+
+
 class ToyTask(Task):
     """Coloured shapes edited in pixel space: 16x16x3 images, 2x2 patches -> 64 tokens of 12 features.
 
@@ -102,10 +112,7 @@ class ToyTask(Task):
                                          for i in range(int(t.num_test_rows))])
         self.num_train_rows = int(t.num_train_rows)
         tokens = (self.res // 2) ** 2
-        cfg = FluxConfig(**dict(c.model.dit), in_channels=12, joint_attention_dim=int(t.text_dim),
-                         pooled_projection_dim=int(t.text_dim), guidance_embeds=False, dtype=c.model.dtype,
-                         param_dtype=c.model.param_dtype, remat_policy=c.model.remat_policy,
-                         attention_impl=c.model.attention_impl or None, lora=lora_config(c))
+        cfg = toy_flux_config(c)
         self.policy_cfg = cfg
         model = FluxTransformer(cfg, rngs=nnx.Rngs(c.seed))
         graphdef, base, lora = split_on_mesh(model, mesh)
@@ -132,17 +139,22 @@ class ToyTask(Task):
         data = distributed.replicate(self.mesh, {k: self.train_rows[k] for k in ("source", "target", "tokens", "pooled")})
         rng = np.random.default_rng(self.c.seed)
         key = jax.random.key(self.c.seed + 7)
-        for i in range(int(w.steps)):
+        bar = tqdm(range(int(w.steps)), desc="warm start", unit="step", leave=False,
+                   disable=not self.c.log.progress or jax.process_index() != 0)
+        for i in bar:
             idx = rng.integers(0, self.num_train_rows, int(w.batch_size))
             idx, k = distributed.replicate(self.mesh, (idx, jax.random.key_data(jax.random.fold_in(key, i))))
             base, opt, loss = _warm_step(self.policy, tx, base, opt, jax.random.wrap_key_data(k), data, idx)
-            if i % 100 == 0 or i == w.steps - 1:
-                writer.write(i, {"warmup/flow_matching_loss": float(loss)})
-                log.info("warm start step %d: loss %.4f", i, float(loss))
+            if i % 100 == 0 or i == w.steps - 1:  # syncs the host: not every step
+                writer.write(i, {"warmup/flow_matching_loss": float(loss)})  # step = warm-up step
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+                log.debug("warm start step %d: loss %.4f", i, float(loss))
+        bar.close()
         if jax.process_index() == 0:
             path.mkdir(parents=True, exist_ok=True)
             flat = {weights.path_str(p): v.get_value() for p, v in nnx.to_flat_state(base)}
             weights.save_tensors(path / weights.PARAMS_FILE, flat)
+        log.info("warm start: done, flow-matching loss %.4f; base cached in %s", float(loss), path)
         return base
 
     # -- the task interface ---------------------------------------------------------------------------------

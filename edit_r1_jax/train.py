@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from edit_r1_jax import checkpoint as ckpt_lib
 from edit_r1_jax import config as config_lib
@@ -40,6 +42,10 @@ log = logging.getLogger("edit_r1_jax.train")
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy.py")
 
+# Measured wall time of the phases, for the start-up estimate: (task, backend) -> seconds. The toy's figures come
+# from configs/toy.py on the build machine (2 idle x86_64 cores; README "Quick start"); other pairs are unmeasured.
+MEASURED = {("toy", "cpu"): dict(warm_start=190.0, epoch=2.7, eval=2.0, where="2 idle CPU cores")}
+
 
 def nft_config(c, num_micro_batches: int) -> nft_loss.NFTConfig:
     t = c.train
@@ -50,22 +56,36 @@ def nft_config(c, num_micro_batches: int) -> nft_loss.NFTConfig:
 
 
 def run(c, max_epochs: int | None = None) -> dict[str, Any]:
-    """Train per config ``c``; returns {"eval": {epoch: metrics}, "last": metrics, "state": state}."""
+    """Train per config ``c``; returns {"eval": {epochs done: metrics}, "last": metrics, "state": state, ...}
+    (``format_summary`` reads the rest). A run whose checkpoints already hold ``num_epochs`` returns
+    {"finished_before": message, ...} without writing anything."""
+    t_start = time.perf_counter()
     distributed.initialize(c.distributed.coordinator, c.distributed.num_processes, c.distributed.process_id)
     mesh = mesh_lib.make_mesh(dict(c.mesh))
     sizes = config_lib.validate(c, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
     run_dir = Path(c.run_dir)
+    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", c.checkpoint.max_to_keep)
+    done_before = (ckpt.latest_step() if c.resume else None) or 0  # checkpoints are named by epochs done
+    summary: dict[str, Any] = {"eval": {}, "run_dir": str(run_dir), "num_epochs": int(c.num_epochs)}
+    if done_before >= c.num_epochs:  # before any writer exists: a finished run writes nothing
+        ckpt.close()
+        summary["finished_before"] = (f"{run_dir} is already finished ({done_before}/{c.num_epochs} epochs, "
+                                      f"checkpoint {ckpt_lib.step_dir(ckpt, done_before)}): nothing to do. Delete "
+                                      f"it or pass --config.run_dir=... to start over, --config.num_epochs=N to "
+                                      f"train on.")
+        return summary
+    log.info("%s", plan_line(c, mesh, done_before))
     writer = metrics_lib.MetricWriter(run_dir, tensorboard=c.log.tensorboard)
     timer = metrics_lib.Timer()
-    summary: dict[str, Any] = {"eval": {}}
+    totals: dict[str, float] = {}  # seconds per phase over the whole run, for the final table
 
     with jax.set_mesh(mesh):
-        task = tasks.build(c, mesh, run_dir, writer)
+        with timer("setup"):
+            task = tasks.build(c, mesh, run_dir, writer)
         tx = engine.make_optimizer(c)
         state = engine.init_state(task.init_lora(), tx, jax.random.key(c.seed))
         sampler = GroupSampler(task.num_train_rows, c.sample.groups_per_batch, c.sample.group_size,
                                c.sample.num_batches_per_epoch, c.seed, jax.process_index(), jax.process_count())
-        ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", c.checkpoint.max_to_keep)
         start_epoch, empty_epochs = 0, 0
         identity = run_identity(c, task.num_train_rows)
         if c.resume and ckpt.latest_step() is not None:
@@ -73,7 +93,7 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
             sampler.set_state(host["sampler"])
             start_epoch = host["epoch"] + 1
             empty_epochs = int(host.get("empty_epochs", 0))
-            log.info("resumed after epoch %d (optimizer step %d)", host["epoch"], int(state["step"]))
+            log.info("resumed: %d epochs done (optimizer step %d)", start_epoch, int(state["step"]))
         elif int(c.checkpoint.restore_step) >= 0:
             raise ckpt_lib.CheckpointError(
                 f"checkpoint.restore_step={c.checkpoint.restore_step} but "
@@ -81,9 +101,12 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
 
         hp = nft_config(c, sizes["micro_batches_per_step"])
         end_epoch = c.num_epochs if max_epochs is None else min(c.num_epochs, start_epoch + max_epochs)
-        bar = tqdm(range(start_epoch, end_epoch), desc="epochs", initial=start_epoch, total=end_epoch,
+        # smoothing=0: the ETA is the mean rate since the clock was last set, and the clock is set again after
+        # the first epoch of this process, so compilation does not inflate it.
+        bar = tqdm(desc="epochs", unit="epoch", initial=start_epoch, total=end_epoch, smoothing=0,
                    disable=not c.log.progress or jax.process_index() != 0)
-        for epoch in bar:
+        for epoch in range(start_epoch, end_epoch):
+            done = epoch + 1  # the one counter (epochs done): metrics step, grids, checkpoints, LoRA exports
             if c.eval.every > 0 and epoch % c.eval.every == 0:
                 with timer("eval"):
                     summary["eval"][epoch] = evaluate(c, task, state, epoch, writer)
@@ -101,26 +124,37 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
                     with timer("train"):
                         state, train_metrics = update(c, task, mesh, tx, hp, state, batches, adv, filt, sizes,
                                                       epoch)
-            epoch_metrics.update(train_metrics, epoch=epoch, **timer.pop())
+            epoch_metrics.update(train_metrics, optimizer_step=int(state["step"]), **timer.pop())
             epoch_metrics["images_per_s"] = sizes["samples_per_epoch"] / epoch_metrics["time/epoch"]
-            writer.write(int(state["step"]), epoch_metrics)
-            if c.log.image_every > 0 and epoch % c.log.image_every == 0:
+            _accumulate(totals, epoch_metrics)
+            writer.write(done, epoch_metrics)
+            if c.log.image_every > 0 and done % c.log.image_every == 0:
                 b = batches[0]
                 n = min(c.log.num_images, len(b["rewards"]))
-                writer.image_grid("train", epoch, task.source_images(b["inputs"])[:n], b["images"][:n],
+                writer.image_grid("train", done, task.source_images(b["inputs"])[:n], b["images"][:n],
                                   b["rewards"][:n], [task.caption(r) for r in b["local_rows"][:n]])
             bar.set_postfix(reward=f"{epoch_metrics['reward_mean']:.3f}",
-                            loss=f"{epoch_metrics.get('train/total_loss', float('nan')):.4f}")
+                            loss=f"{epoch_metrics.get('train/total_loss', float('nan')):.4f}", refresh=False)
             summary["last"] = epoch_metrics
-            if (epoch + 1) % c.checkpoint.every == 0 or epoch + 1 == end_epoch:
-                ckpt.save(epoch, state, {"epoch": epoch, "sampler": sampler.get_state(), "empty_epochs": empty_epochs,
-                                         **identity})
-                export_lora(c, run_dir / "lora" / f"step_{int(state['step']):07d}", state["ema"])
+            if done % c.checkpoint.every == 0 or done == end_epoch:
+                with timer("checkpoint"):
+                    ckpt.save(done, state, {"epoch": epoch, "sampler": sampler.get_state(),
+                                            "empty_epochs": empty_epochs, **identity})
+                    export_lora(c, run_dir / "lora" / counter_name(done), state["ema"])
+                summary["checkpoint"] = str(ckpt_lib.step_dir(ckpt, done))
+                summary["lora"] = str(run_dir / "lora" / counter_name(done))
+            bar.update(1)
+            if epoch == start_epoch:
+                bar.initial, bar.start_t = bar.n, time.time()
+        bar.close()
         if c.eval.every > 0 and end_epoch > start_epoch and end_epoch == c.num_epochs:
-            summary["eval"][end_epoch] = evaluate(c, task, state, end_epoch, writer)
+            with timer("eval"):
+                summary["eval"][end_epoch] = evaluate(c, task, state, end_epoch, writer)
+        _accumulate(totals, timer.pop())
         ckpt.close()
         writer.close()
-    summary["state"] = state
+    summary.update(state=state, epochs=(start_epoch, end_epoch), times=totals,
+                   wall_s=time.perf_counter() - t_start)
     return summary
 
 
@@ -183,6 +217,52 @@ def empty_epoch(c, epoch: int, count: int, metrics: dict[str, Any]) -> dict[str,
     log.warning("epoch %d: no valid sample (%s); optimizer step skipped (%d/%d empty epochs in a row)",
                 epoch, reason, count, c.train.max_empty_epochs)
     return {"train/skipped_empty_epoch": 1.0}
+
+
+def counter_name(done: int) -> str:
+    """The LoRA export's folder for the counter (epochs done), named as the checkpoints are: epoch_000120."""
+    return ckpt_lib.step_name(done)
+
+
+def _accumulate(totals: dict[str, float], metrics: dict[str, Any]) -> None:
+    for k, v in metrics.items():
+        if k.startswith("time/"):
+            totals[k[len("time/"):]] = totals.get(k[len("time/"):], 0.0) + float(v)
+
+
+def plan_line(c, mesh, done_before: int) -> str:
+    """One line at start: task, model size, devices, epochs, and the expected time where one was measured."""
+    from edit_r1_jax import plan as plan_lib
+
+    if c.task == "toy":
+        cfg = tasks.toy_flux_config(c)
+    else:  # the converted checkpoint's own config: a tiny test model is counted as what it is
+        from edit_r1_jax.models.flux.modeling import FluxConfig
+
+        cfg = FluxConfig.from_diffusers(weights.read_config(Path(c.model.dir) / "transformer"),
+                                        lora=tasks.lora_config(c))
+    base, lora = plan_lib.dit_leaves(cfg)
+    n_base, n_lora = sum(leaf.size for leaf in base), sum(leaf.size for leaf in lora)
+    backend = jax.default_backend()
+    devices = f"{jax.device_count()} {backend} device{'s' if jax.device_count() > 1 else ''}"
+    if jax.process_count() > 1:
+        devices += f" on {jax.process_count()} hosts"
+    epochs = c.num_epochs - done_before
+    measured = MEASURED.get((c.task, backend))
+    if measured is None:
+        expected = f"no measured time for task {c.task} on {backend}"
+    else:
+        warm = c.task == "toy" and c.warmup.steps > 0 and not (Path(c.run_dir) / "warm_base").exists()
+        evals = (epochs // c.eval.every + 1) if c.eval.every > 0 else 0
+        seconds = warm * measured["warm_start"] + epochs * measured["epoch"] + evals * measured["eval"]
+        expected = f"expected ~{seconds / 60:.0f} min (estimate, measured on {measured['where']})"
+    resumed = f" (resuming after {done_before})" if done_before else ""
+    return (f"plan: task {c.task}, DiT {_count(n_base)} params + LoRA {_count(n_lora)} trained, {devices}, "
+            f"{epochs} epochs to {c.num_epochs}{resumed}; {expected}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
 
 
 def rollouts(c, task, mesh, sampler, state, epoch: int, sizes, timer) -> list[dict[str, Any]]:
@@ -333,7 +413,7 @@ def evaluate(c, task, state, epoch: int, writer) -> dict[str, float]:
                               [task.caption(x, "test") for x in batch_rows[local][:n]])
     all_r = np.concatenate(rewards)
     metrics = {"eval/reward_mean": float(np.nanmean(all_r)), **task.eval_extra_metrics(all_r)}
-    writer.write(int(state["step"]), metrics)
+    writer.write(epoch, metrics)  # the run's one counter: epochs done
     log.info("eval at epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
     return metrics
 
@@ -369,15 +449,16 @@ def dry_run(c) -> dict[str, Any]:
     report["optimizer_steps"] = int(c.num_epochs) * int(c.train.steps_per_epoch)
     report["images_sampled"] = int(c.num_epochs) * sizes["samples_per_epoch"]
     ckpt_dir = Path(c.run_dir) / "checkpoints"
-    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir, c.checkpoint.max_to_keep) if ckpt_dir.is_dir() else None
+    steps = ckpt.all_steps() if ckpt is not None else []
     report["checkpoint_steps"] = steps
     if c.resume and steps:
-        ckpt = ckpt_lib.Checkpointer(ckpt_dir, c.checkpoint.max_to_keep)
         step = None if int(c.checkpoint.restore_step) < 0 else int(c.checkpoint.restore_step)
         restored, host = ckpt.read_host(step)
         check_resume_config(c, ckpt, restored, host, run_identity(c, report["train_rows"]))
-        ckpt.close()
         report["resume_from_step"] = restored
+    if ckpt is not None:
+        ckpt.close()
     for k, v in report.items():
         print(f"  {k}: {v}")
     print("dry run OK: config, dataset and model folders are valid; no weights were loaded")
@@ -426,23 +507,61 @@ def print_help_if_asked(argv: list[str]) -> None:
         sys.exit(0)
 
 
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run table: held-out metrics first/last evaluation, time per phase, where the files are."""
+    if "finished_before" in summary:
+        return summary["finished_before"]
+    run_dir = Path(summary["run_dir"])
+    first, last = summary["epochs"]
+    lines = [f"trained epochs {first} -> {last} of {summary['num_epochs']} in {summary['wall_s'] / 60:.1f} min"]
+    evals = summary["eval"]
+    if evals:
+        cols = sorted(evals)[:: max(1, len(evals) - 1)]  # first and last evaluation
+        names = sorted({k for e in cols for k in evals[e]})
+        lines.append(f"  {'held-out (EMA policy)':26s}" + "".join(f"{f'epoch {e}':>12s}" for e in cols))
+        for name in names:
+            pct = "success" in name
+            cells = [evals[e].get(name, float("nan")) for e in cols]
+            lines.append(f"  {name.removeprefix('eval/'):26s}" + "".join(
+                f"{v * 100:11.1f}%" if pct else f"{v:12.4f}" for v in cells))
+    times = summary["times"]
+    order = [k for k in ("setup", "eval", "data", "rollout", "reward", "advantages", "train", "checkpoint")
+             if k in times]
+    lines.append("  time: " + ", ".join(f"{k} {times[k]:.0f} s" for k in order))
+    lines.append(f"  metrics      {run_dir / 'metrics.jsonl'}  (tensorboard --logdir {run_dir / 'tensorboard'})")
+    lines.append(f"  grids        {run_dir / 'samples'}/eval_NNNNNN.png, train_NNNNNN.png (NNNNNN = epochs done)")
+    if "checkpoint" in summary:
+        lines.append(f"  checkpoint   {summary['checkpoint']}")
+        lines.append(f"  LoRA (EMA)   {summary['lora']}  (to PEFT: python -m tools.convert_weights export-lora "
+                     f"--src {summary['lora']} --dst lora.safetensors)")
+    return "\n".join(lines)
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "training config file (path[:variant])")
 _DRY_RUN = flags.DEFINE_bool("dry-run", False, "validate the config, dataset and model folders without loading "
                                                "weights, print the run's sizes, and exit")
+_LOG_LEVEL = flags.DEFINE_enum("log_level", os.environ.get("EDIT_R1_LOG_LEVEL", "INFO").upper(),
+                               ["DEBUG", "INFO", "WARNING", "ERROR"],
+                               "log level (default: $EDIT_R1_LOG_LEVEL or INFO); DEBUG also shows jax's and "
+                               "orbax's own INFO lines")
 
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+    level = getattr(logging, _LOG_LEVEL.value)
+    # force: replace absl's handler with a plain stream handler, which tqdm's redirection recognises
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+    if level > logging.DEBUG:  # jax's backend probing ("Unable to initialize backend 'tpu'") and orbax's per-file
+        for name in ("jax", "absl"):  # INFO lines read like errors on a CPU machine: debug only
+            logging.getLogger(name).setLevel(logging.WARNING)
     if _DRY_RUN.value:
         dry_run(_CONFIG.value)
         return
-    t0 = time.time()
-    summary = run(_CONFIG.value)
+    with logging_redirect_tqdm():  # log lines above the progress bar, not inside it
+        summary = run(_CONFIG.value)
     if jax.process_index() == 0:
-        evals = {k: {m: round(v, 4) for m, v in d.items()} for k, d in summary["eval"].items()}
-        print(f"done in {time.time() - t0:.0f} s; evaluation by epoch: {evals}")
+        print(format_summary(summary), file=sys.stdout, flush=True)
 
 
 if __name__ == "__main__":

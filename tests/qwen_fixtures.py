@@ -35,6 +35,16 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The judge's text (spec D.2), spelled out here rather than taken from the processor, so that the reward tests
+# pin the prompt the model is asked: a change to processor.PROMPT_TEMPLATE must show up as a failing test.
+JUDGE_TEXT = (
+    "There are two images: the original image and the edited image. Evaluate the edited image against the "
+    "editing instruction and the requirement.\nInstruction: {prompt}\nRequirement: {requirement}\n"
+    "Rate from 0 to 5 the accuracy and quality of the edit: 0 means the wrong object was edited or the "
+    "requirements are not met at all; 5 means the correct object was edited, the requirements are met and the "
+    "visual quality is high. Answer directly with a single number from 0 to 5."
+)
+
 VOCAB_SIZE = 151936  # Qwen2.5-VL-3B embedding rows (>= 151665 tokens)
 
 

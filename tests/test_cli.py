@@ -26,7 +26,8 @@ def test_help(module):
     r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
     out = r.stdout + r.stderr
-    if module == "edit_r1_jax.train":  # absl prints the flags and exits 1 on --help
-        assert r.returncode in (0, 1) and "--config" in out and "toy.py" in out, out[-2000:]
+    assert r.returncode == 0, out[-2000:]  # asking for help is not an error
+    if module == "edit_r1_jax.train":  # the flags, with the default config
+        assert "--config" in out and "toy.py" in out, out[-2000:]
     else:
-        assert r.returncode == 0 and "usage" in out.lower(), out[-2000:]
+        assert "usage" in out.lower(), out[-2000:]

@@ -33,7 +33,7 @@ CASES = [("host/metadata", "empty"), ("host/metadata", "half"), ("state/_METADAT
 @pytest.mark.parametrize("rel,how", CASES)
 def test_corrupt_latest_step_is_named_and_older_step_restores_on_request(tmp_path, rel, how):
     state = _two_steps(tmp_path)
-    step_dir = tmp_path / "ckpt" / "1"
+    step_dir = tmp_path / "ckpt" / ckpt_lib.step_name(1)
     files = sorted(step_dir.glob(rel))
     assert files, rel
     for f in files:

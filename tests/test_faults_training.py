@@ -32,7 +32,7 @@ def test_resume_faults_and_restore_step(tmp_path):
     c = tiny_config(tmp_path)  # 2 epochs, a checkpoint after each
     straight = train.run(c)
     ckpt_dir = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ["0", "1"]
+    assert ckpt_lib.Checkpointer(ckpt_dir).all_steps() == [1, 2]  # named by epochs done
     c.num_epochs = 3
 
     # A changed config is refused before any array is read, naming each field with both values.
@@ -49,33 +49,33 @@ def test_resume_faults_and_restore_step(tmp_path):
             assert s in str(e.value), str(e.value)
 
     # A truncated file in the latest step: one error naming step, file and cause; nothing falls back.
-    meta = ckpt_dir / "1" / "state" / "_METADATA"
+    meta = ckpt_dir / ckpt_lib.step_name(2) / "state" / "_METADATA"
     meta.write_bytes(meta.read_bytes()[:40])
     with pytest.raises(ckpt_lib.CheckpointError) as e:
         train.run(c)
-    assert f"checkpoint step 1 in {ckpt_dir} cannot be restored: {meta}: truncated" in str(e.value)
+    assert f"checkpoint step 2 in {ckpt_dir} cannot be restored: {meta}: truncated" in str(e.value)
     before = _files(ckpt_dir)
 
     # Restoring the older step explicitly, with a learning rate that overflows float32: the first update makes
     # theta non-finite; the run stops naming epoch, step and leaf, and no checkpoint file changes.
     bad = ConfigDict(c.to_dict())
-    bad.checkpoint.update(restore_step=0, allow_config_change=True)
+    bad.checkpoint.update(restore_step=1, allow_config_change=True)
     bad.train.learning_rate = 1e39  # finite as a Python float, inf in float32
     with pytest.raises(train.NonFiniteError, match=r"epoch 1, optimizer step 2: LoRA parameter \S+\.lora_[ab] "
                                                    r"of theta is not finite"):
         train.run(bad)
     assert _files(ckpt_dir) == before
 
-    # restore_step=0 with the original config (safe changes only) continues exactly: epoch 1 is redone and the
-    # corrupt step 1 replaced; the result equals the uninterrupted run bitwise.
+    # restore_step=1 with the original config (safe changes only) continues exactly: epoch 1 is redone and the
+    # corrupt step 2 replaced; the result equals the uninterrupted run bitwise.
     again = ConfigDict(c.to_dict())
     again.num_epochs = 2
     again.log.image_every = 2  # safe to change: logged, allowed
-    again.checkpoint.restore_step = 0
+    again.checkpoint.restore_step = 1
     resumed = train.run(again)
     for a, b in zip(_leaves(straight["state"]), _leaves(resumed["state"])):
         np.testing.assert_array_equal(a, b)
-    assert ckpt_lib.Checkpointer(ckpt_dir).read_host(1)[1]["epoch"] == 1
+    assert ckpt_lib.Checkpointer(ckpt_dir).read_host(2)[1]["epoch"] == 1
 
 
 def test_empty_epochs_warn_then_stop(tmp_path, caplog):
@@ -92,7 +92,7 @@ def test_empty_epochs_warn_then_stop(tmp_path, caplog):
             train.run(c)
     assert "epoch 0: no valid sample (16 invalid rewards" in caplog.text and "optimizer step skipped" in caplog.text
     ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
-    assert ck.all_steps() == [0]  # the epoch-1 stop saved nothing
+    assert ck.all_steps() == [1]  # the epoch-1 stop saved nothing (checkpoints are named by epochs done)
     assert ck.read_host(0)[1]["empty_epochs"] == 1
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     epoch0 = next(x for x in lines if x.get("epoch") == 0)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen_fixtures import CHAT_TEMPLATE, qwen_tokenizer_dir
+from qwen_fixtures import CHAT_TEMPLATE, JUDGE_TEXT, qwen_tokenizer_dir
 
 from edit_r1_jax.models.qwen2_5_vl import processor as P
 
@@ -77,25 +77,31 @@ def test_real_vocabulary_ids(tokenizer):
 
 
 def test_prompt_ids_match_transformers_chat_template(tokenizer):
+    """Our prompt ids against an independent rendering: the conversation of spec D.2 (one user turn: original
+    image, edited image, judge text) through transformers' apply_chat_template with the Qwen2.5-VL template,
+    the judge text spelled out in the fixtures (not the processor's), tokenised by transformers with the real
+    Qwen2.5 vocabulary, <|image_pad|> expanded as Qwen2.5-VL's processor does (grid_t*grid_h*grid_w // 4)."""
     tokenizer.chat_template = CHAT_TEMPLATE
     builder = P.PromptBuilder(tokenizer)
     grids = [(1, 36, 36), (1, 20, 30)]
     instruction, requirement = "Make the sky purple, keep the dog.", "the dog is unchanged"
     ours = builder(instruction, requirement, grids)
-    # Reference: transformers' chat template, then the processor's string expansion of <|image_pad|>.
+    judge = JUDGE_TEXT.format(prompt=instruction, requirement=requirement)
     conv = [{"role": "user", "content": [{"type": "image", "image": "a"}, {"type": "image", "image": "b"},
-                                         {"type": "text", "text": P.PROMPT_TEMPLATE.format(
-                                             prompt=instruction, requirement=requirement)}]}]
+                                         {"type": "text", "text": judge}]}]
     text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                           "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>")
-    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    # What the Qwen2.5-VL template renders (its default system prompt, two vision slots, generation prompt):
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>"
+                    + judge + "<|im_end|>\n<|im_start|>assistant\n")
     for g in grids:
-        text = text.replace("<|image_pad|>", "<|placeholder|>" * (g[1] * g[2] // 4), 1)
+        text = text.replace("<|image_pad|>", "<|placeholder|>" * (g[0] * g[1] * g[2] // 4), 1)
     text = text.replace("<|placeholder|>", "<|image_pad|>")
     want = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ours == want
     assert ours.count(151655) == 324 + 150
+    assert ours[:3] == [151644, 8948, 198]  # "<|im_start|>", "system", "\n" in the Qwen2.5 vocabulary
+    assert ours[-3:] == [151644, 77091, 198]  # "<|im_start|>", "assistant", "\n": the first generated token next
 
 
 def test_prompt_builder_rejects_image_tokens_in_text(tokenizer):

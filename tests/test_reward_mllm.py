@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_fixtures import CHAT_TEMPLATE, convert_cli, qwen_tokenizer_dir, save_tiny_checkpoint
+from qwen_fixtures import CHAT_TEMPLATE, JUDGE_TEXT, convert_cli, qwen_tokenizer_dir, save_tiny_checkpoint
 
 from edit_r1_jax.models.qwen2_5_vl import processor as P
 from edit_r1_jax.rewards.mllm import MLLMReward, RewardError, expected_score
@@ -56,8 +56,8 @@ def _reference_scores(ref, tokenizer, sources, edited, instructions, requirement
     for s, e, ins, req in zip(sources, edited, instructions, requirements):
         im = proc(images=[P.to_uint8(s), P.to_uint8(e)], return_tensors="pt")
         conv = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                             {"type": "text", "text": P.PROMPT_TEMPLATE.format(prompt=ins,
-                                                                                               requirement=req)}]}]
+                                             {"type": "text", "text": JUDGE_TEXT.format(prompt=ins,
+                                                                                        requirement=req)}]}]
         text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         for g in im["image_grid_thw"].tolist():
             text = text.replace("<|image_pad|>", "<|placeholder|>" * (g[0] * g[1] * g[2] // 4), 1)

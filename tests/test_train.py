@@ -1,4 +1,7 @@
-"""The trainer end to end on a tiny toy config: it runs, resumes bitwise, and stops on a bad reward."""
+"""The trainer end to end on a tiny toy config: it runs, resumes bitwise, names its outputs by one counter,
+leaves a finished run alone, and stops on a bad reward."""
+
+import json
 
 import jax
 import numpy as np
@@ -41,25 +44,72 @@ def _leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
 
 
+def _flat(lora):
+    return {"/".join(map(str, p)): np.asarray(v) for p, v in
+            jax.tree_util.tree_flatten_with_path(jax.device_get(lora))[0]}
+
+
+def _files(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
 def test_resume_is_bitwise_exact(tmp_path):
-    straight = train.run(tiny_config(tmp_path / "a"))
+    ca = tiny_config(tmp_path / "a")
+    ca.eval.every = 2  # held-out evaluation at 0 and 2 epochs done (it reads the EMA only: training unchanged)
     c = tiny_config(tmp_path / "b")
+    for x in (ca, c):  # two optimizer steps per epoch: the optimizer step and the epoch counter differ
+        x.train.steps_per_epoch = 2
+    straight = train.run(ca)
     first = train.run(c, max_epochs=1)
-    assert int(first["state"]["step"]) == 1
+    assert int(first["state"]["step"]) == 2
     resumed = train.run(c)  # picks up the epoch-0 checkpoint, sampler state and all
-    assert int(resumed["state"]["step"]) == 2
+    assert int(resumed["state"]["step"]) == 4
     for a, b in zip(_leaves(straight["state"]), _leaves(resumed["state"])):
         np.testing.assert_array_equal(a, b)
-    # The run actually trained: theta moved away from the initial B = 0 and theta_old followed.
-    flat = {"/".join(map(str, p)): np.asarray(v) for p, v in
-            jax.tree_util.tree_flatten_with_path(jax.device_get(straight["state"]["theta"]))[0]}
-    assert any(np.abs(v).max() > 0 for k, v in flat.items() if "lora_b" in k)
+    # The run actually trained: theta moved away from the initial B = 0 ...
+    theta1, old1 = _flat(first["state"]["theta"]), _flat(first["state"]["theta_old"])
+    theta2, old2 = _flat(straight["state"]["theta"]), _flat(straight["state"]["theta_old"])
+    assert any(np.abs(v).max() > 0 for k, v in theta2.items() if "lora_b" in k)
+    # ... and theta_old followed it once per epoch by spec B.8 (decay_type 1): theta_old <- d theta_old +
+    # (1 - d) theta with d = min(0.001 * step, 0.5) after `step` optimizer steps (two per epoch here).
+    # Epoch 1 from theta_old = initial theta, whose B is zero: theta_old's B = (1 - 0.002) theta's B.
+    # Epoch 2 from epoch 1's theta_old (the resumed run equals the straight one bitwise, so `first` is the
+    # straight run after one epoch). float32 blend: 1 ulp-level differences.
+    for k in theta1:
+        if "lora_b" in k:
+            np.testing.assert_allclose(old1[k], (1 - 0.002) * theta1[k], rtol=1e-6, atol=1e-9, err_msg=k)
+        np.testing.assert_allclose(old2[k], 0.004 * old1[k] + (1 - 0.004) * theta2[k], rtol=1e-6, atol=1e-9,
+                                   err_msg=k)
+    assert any(np.abs(v).max() > 0 for k, v in old1.items() if "lora_b" in k)
+    assert not all(np.array_equal(old2[k], theta2[k]) for k in theta2)  # a blend, not a copy
+
+    # One counter (epochs done) names the checkpoints, LoRA exports, metrics steps and grids, zero-padded alike.
+    a = tmp_path / "a"
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["epoch_000001", "epoch_000002"]
+    assert sorted(p.name for p in (a / "lora").iterdir()) == ["epoch_000001", "epoch_000002"]
+    assert sorted(p.name for p in (a / "samples").iterdir()) == [
+        "eval_000000.png", "eval_000002.png", "train_000001.png", "train_000002.png"]
+    lines = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "reward_mean" in x] == [1, 2]
+    assert [x["optimizer_step"] for x in lines if "reward_mean" in x] == [2, 4]
+    assert [x["step"] for x in lines if "eval/reward_mean" in x] == [0, 2]
+    assert sorted(straight["eval"]) == [0, 2]
+    assert straight["checkpoint"] == str((a / "checkpoints" / "epoch_000002").absolute())
+    assert straight["lora"] == str(a / "lora" / "epoch_000002")
+    table = train.format_summary(straight)
+    assert "epoch 0" in table and "epoch 2" in table and "success_rate" in table
+    assert straight["checkpoint"] in table and straight["lora"] in table and "tensorboard --logdir" in table
+
+    # A finished run started again says so in one line and writes nothing.
+    before = _files(tmp_path / "b")
+    again = train.run(c)
+    message = train.format_summary(again)
+    assert "already finished" in message and "2/2 epochs" in message and "\n" not in message
+    assert _files(tmp_path / "b") == before
     metrics = straight["last"]
     for name in ("reward_mean", "train/policy_loss", "train/kl_div", "train/old_deviate", "train/x0_norm",
                  "train/grad_norm", "zero_std_ratio", "banned_rows", "time/rollout", "images_per_s"):
         assert name in metrics and np.isfinite(metrics[name]), name
-    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") >= 2
-    assert list((tmp_path / "a" / "samples").glob("train_*.png"))
     # The EMA LoRA is exported at each checkpoint and converts to the PEFT/diffusers layout.
     from tools.convert_weights.__main__ import main as convert
 
