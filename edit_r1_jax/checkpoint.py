@@ -92,8 +92,8 @@ class Checkpointer:
         return step, out.host
 
     def _restore_error(self, step: int, steps: list[int], e: BaseException) -> CheckpointError:
-        step_dir = step_dir(self, step)
-        bad = diagnose_step(step_dir)
+        folder = step_dir(self, step)
+        bad = diagnose_step(folder)
         # tensorstore names the database folder and then the file it failed on
         named = [f for f in re.findall(r'local file "([^"]+)"', str(e)) if not f.endswith("/")]
         if named and not bad:
@@ -101,8 +101,8 @@ class Checkpointer:
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         older = [s for s in steps if s < step]
         hint = (f"restore an older step with --config.checkpoint.restore_step=N (steps: {older}), or move "
-                f"{step_dir} away" if older else f"no older step to restore; move {step_dir} away to start over")
-        files = "; ".join(bad) if bad else f"no empty or unparsable file found under {step_dir}"
+                f"{folder} away" if older else f"no older step to restore; move {folder} away to start over")
+        files = "; ".join(bad) if bad else f"no empty or unparsable file found under {folder}"
         return CheckpointError(f"checkpoint step {step} in {self.directory} cannot be restored: {files}. "
                                f"Cause: {type(e).__name__}: {cause}. Nothing was restored; {hint}.")
 
