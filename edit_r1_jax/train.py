@@ -65,7 +65,10 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
     sizes = config_lib.validate(c, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
     run_dir = Path(c.run_dir)
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", c.checkpoint.max_to_keep)
-    done_before = (ckpt.latest_step() if c.resume else None) or 0  # checkpoints are named by epochs done
+    # checkpoints are named by epochs done; an explicit restore_step continues from that one
+    restore = int(c.checkpoint.restore_step)
+    done_before = (restore if restore >= 0 else ckpt.latest_step()) if c.resume else None
+    done_before = done_before or 0
     summary: dict[str, Any] = {"eval": {}, "run_dir": str(run_dir), "num_epochs": int(c.num_epochs)}
     if done_before >= c.num_epochs:  # before any writer exists: a finished run writes nothing
         ckpt.close()

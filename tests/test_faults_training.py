@@ -93,10 +93,10 @@ def test_empty_epochs_warn_then_stop(tmp_path, caplog):
     assert "epoch 0: no valid sample (16 invalid rewards" in caplog.text and "optimizer step skipped" in caplog.text
     ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
     assert ck.all_steps() == [1]  # the epoch-1 stop saved nothing (checkpoints are named by epochs done)
-    assert ck.read_host(0)[1]["empty_epochs"] == 1
+    assert ck.read_host(1)[1]["empty_epochs"] == 1
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    epoch0 = next(x for x in lines if x.get("epoch") == 0)
-    assert epoch0["step"] == 0 and epoch0["train/skipped_empty_epoch"] == 1.0  # no optimizer step was taken
+    epoch0 = next(x for x in lines if x.get("step") == 1 and "optimizer_step" in x)  # step = epochs done
+    assert epoch0["optimizer_step"] == 0 and epoch0["train/skipped_empty_epoch"] == 1.0  # no optimizer step taken
 
 
 def test_reward_error_names_epoch_split_and_dataset_row(tmp_path):
