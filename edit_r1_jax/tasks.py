@@ -127,7 +127,7 @@ class ToyTask(Task):
                 log.info("warm start step %d: loss %.4f", i, float(loss))
         if jax.process_index() == 0:
             path.mkdir(parents=True, exist_ok=True)
-            flat = {weights.path_str(p): v.get_value() for p, v in nnx.to_flat_state(base)}
+            flat = weights.flat_per_layer(base)  # per-layer keys, like every converted checkpoint
             weights.save_tensors(path / weights.PARAMS_FILE, flat)
         return base
 
