@@ -27,11 +27,13 @@ so that any flat path can be mapped to its per-layer keys without knowing the mo
 (``parallel.rules``).
 
 ``use_scan=False`` runs the same stacked parameters in a python loop (one block inlined per layer): the reference
-for tests (scan == loop) and for ``bench/compile.py`` (compile time before/after).
+for tests (scan == loop) and for ``bench/compile.py`` (compile time before/after). Outside ``jax.jit`` (eager,
+nothing traced) ``run`` always loops, logged once: eager code keeps its op-by-op numerics.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Mapping
 
 import jax
@@ -41,6 +43,7 @@ from flax import nnx
 
 LAYERS = "layers"  # logical axis name of the stacked dimension (replicated: see parallel/rules.py)
 DEPTH = "stacked_depth"  # variable metadata: number of path entries after the stacked module
+log = logging.getLogger(__name__)
 
 
 def stack(make_block: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module | None:
@@ -108,6 +111,11 @@ def run(blocks: nnx.Module | None, carry: Any, fn: Callable[[nnx.Module, Any, An
         return fn(nnx.merge(graphdef, layer_state, rest), carry, x)
 
     remat = remat_policy is not None
+    if use_scan and not _traced((carry, stacked, xs)):
+        # Outside jit (eager, op by op) a lax.scan would still compile its body as one program, changing the
+        # op-by-op numerics eager callers rely on; scanning only pays off in a compiled program anyway.
+        _log_once("scan.run outside jax.jit: layers run op by op in a python loop (scan applies under jit)")
+        use_scan = False
     if use_scan:
         body = jax.checkpoint(step, policy=remat_policy, prevent_cse=False) if remat else step
 
@@ -121,6 +129,19 @@ def run(blocks: nnx.Module | None, carry: Any, fn: Callable[[nnx.Module, Any, An
         layer = jax.tree.map(lambda a, i=i: a[i], (stacked, xs))
         carry = body(carry, *layer)
     return carry
+
+
+def _traced(tree) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+_logged: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        log.info(msg)
 
 
 # ---------------------------------------------------------------------------------------------------------
