@@ -347,8 +347,9 @@ def load_state(model_dir_or_file: str | os.PathLike, abstract_state, shardings=N
     ``shardings``: pytree of NamedSharding matching ``abstract_state`` (``parallel.rules.state_shardings``);
     default: the first local device. Values are cast to the abstract state's dtypes. ``prefix`` selects a
     sub-tree of the file (keys ``prefix + path``). Stacked variables (models/scan.py) are read from the per-layer
-    keys ``<head>.{i}.<rest>`` and stacked while streaming: each shard is built from the per-layer slices it
-    covers, so host memory stays near one shard and every host reads only its own slices.
+    keys ``<head>.{i}.<rest>`` (the converters' layout) and stacked while streaming: each shard is built from the
+    per-layer slices it covers, so host memory stays near one shard and every host reads only its own slices.
+    A file that holds the stacked key itself (``<head>.<rest>`` [L, ...]) is read as is.
     """
     path = Path(model_dir_or_file)
     file = path / PARAMS_FILE if path.is_dir() else path
@@ -363,6 +364,8 @@ def load_state(model_dir_or_file: str | os.PathLike, abstract_state, shardings=N
         for p, v in flat:
             value = v.get_value() if isinstance(v, nnx.Variable) else v
             per_layer = scan.layer_keys(p, v)
+            if per_layer is not None and prefix + path_str(p) in available:
+                per_layer = None  # a file saved in the stacked layout itself (e.g. nnx.to_flat_state of a model)
             keys = [prefix + path_str(p)] if per_layer is None else [prefix + k for k in per_layer]
             want = tuple(value.shape) if per_layer is None else tuple(value.shape[1:])
             for key in keys:

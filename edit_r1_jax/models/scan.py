@@ -65,7 +65,43 @@ def stack(make_block: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs
         if axes is None:
             axes = (None,) * (v.get_value().ndim - 1)
         v.set_metadata(logical_axes=(LAYERS,) + tuple(axes), **{DEPTH: len(path)})
+    blocks.__class__ = _stacked_class(type(blocks))
     return blocks
+
+
+class _StackedMixin:
+    """Makes a stacked block indexable like the ``nnx.List`` it replaces: ``blocks[i]`` / ``for b in blocks`` give
+    per-layer views (layer i's slices of the stacked arrays; reading them is fine, writing does not reach the
+    stack), ``len(blocks)`` the number of layers. Calling the stacked module itself is not meaningful: use
+    ``run``."""
+
+    __slots__ = ()  # same instance layout as the block class, so __class__ can be swapped
+
+    def __len__(self):
+        return num_layers(self)
+
+    def __getitem__(self, i: int):
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"layer {i} out of range for {n} stacked layers")
+        graphdef, stacked, rest = nnx.split(self, lambda path, v: is_stacked(v), ...)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked), rest)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+_STACKED_CLASSES: dict[type, type] = {}
+
+
+def _stacked_class(cls: type) -> type:
+    # One subclass per block class, cached: graphdefs (jit static arguments) compare node types by identity.
+    if issubclass(cls, _StackedMixin):
+        return cls
+    if cls not in _STACKED_CLASSES:
+        _STACKED_CLASSES[cls] = type(f"Stacked{cls.__name__}", (cls, _StackedMixin),
+                                      {"__module__": cls.__module__, "__slots__": ()})
+    return _STACKED_CLASSES[cls]
 
 
 def depth(v) -> int | None:
