@@ -11,7 +11,8 @@ Cases (abstract shapes only: ``jax.jit(f).lower(*ShapeDtypeStructs).compile()``,
   reward   rewards.mllm._score_fn: the Qwen2.5-VL-7B reward forward (bf16) on batch 3 pairs of 504x504 images.
 Each case is compiled with ``scan_layers=True`` (one compiled block per layer kind, models/scan.py) and False (the
 same stacked parameters in a python loop = the unrolled program before scanning). The DiT shapes come from
-bench/accelerator.py's ``build_dit``. Prints one progress line per case and the JSON at the end.
+bench/accelerator.py's ``build_dit``. Prints one progress line per case and the JSON at the end (times, and the
+size of the lowered program, which unlike the times does not depend on machine load).
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def _compile(lowered_fn):
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     lowered.compile()
-    return {"lower_s": round(lower_s, 2), "compile_s": round(time.perf_counter() - t0, 2),
-            "total_s": round(lower_s + time.perf_counter() - t0, 2)}
+    compile_s = time.perf_counter() - t0
+    # Program size does not depend on machine load (the timings do): lines of the lowered StableHLO.
+    return {"lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2), "total_s": round(lower_s + compile_s, 2),
+            "stablehlo_lines": lowered.as_text().count("\n")}
 
 
 def dit_case(case, args, mesh, scan_layers):
