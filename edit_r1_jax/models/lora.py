@@ -28,6 +28,7 @@ Functional side (what the trainer uses; all of it works inside ``jax.jit`` / ``j
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -75,8 +76,15 @@ class LoRAParam(nnx.Variable):
 
 
 def lora_targeted(path: str, cfg: LoRAConfig | None) -> bool:
+    """``path`` ends with a target on a ``.`` boundary. In a stacked block (models/scan.py) the layer index is
+    ``*`` (``transformer_blocks.*.attn.to_q``): an exact per-layer target such as ``transformer_blocks.0.attn.to_q``
+    matches it, and then every layer of the stack carries the adapter (one graph for all layers)."""
     if cfg is None or not path:
         return False
+    if "*" in path:
+        pattern = re.compile(r"(?:.*\.)?" + re.escape(path).replace(r"\*", r"\d+"))
+        if any(pattern.fullmatch(t) for t in cfg.targets):
+            return True
     return any(path == t or path.endswith("." + t) for t in cfg.targets)
 
 

@@ -344,11 +344,12 @@ class FluxTransformer(nnx.Module):
         self.x_embedder = mk(cfg.in_channels, d, (None, "embed"), "x_embedder")
         self.context_embedder = mk(cfg.joint_attention_dim, d, (None, "embed"), "context_embedder")
         self.time_text_embed = TimeTextEmbed(cfg, mk)
-        # Stacked: transformer_blocks.<rest> [L, ...] <-> checkpoint keys transformer_blocks.{i}.<rest>.
+        # Stacked: transformer_blocks.<rest> [L, ...] <-> checkpoint keys transformer_blocks.{i}.<rest>; the
+        # LoRA target path of a stacked layer carries "*" for the index (lora.lora_targeted).
         self.transformer_blocks = scan.stack(
-            lambda r: FluxTransformerBlock(cfg, linears(r), "transformer_blocks"), cfg.num_layers, rngs)
+            lambda r: FluxTransformerBlock(cfg, linears(r), "transformer_blocks.*"), cfg.num_layers, rngs)
         self.single_transformer_blocks = scan.stack(
-            lambda r: FluxSingleTransformerBlock(cfg, linears(r), "single_transformer_blocks"),
+            lambda r: FluxSingleTransformerBlock(cfg, linears(r), "single_transformer_blocks.*"),
             cfg.num_single_layers, rngs)
         self.norm_out = _LinearHolder()
         self.norm_out.linear = mk(d, 2 * d, ("embed", None), "norm_out.linear")
