@@ -183,3 +183,14 @@ def test_qwen_scan_equals_loop():
     win_def, _ = nnx.split(Qwen2_5_VL(win_cfg, rngs=nnx.Rngs(0)))
     ew = jax.jit(lambda: nnx.merge(win_def, state).encode_images(pix, grid))()
     assert np.abs(np.asarray(ew) - np.asarray(es)).max() > 1e-3 * np.abs(np.asarray(es)).max()
+
+
+def test_lora_targets_on_stacked_layers():
+    """Stacked layers share one graph: a per-layer target (PEFT files name exact modules) enables that module on
+    every layer of its stack, a suffix target works as before, and other stacks are not touched."""
+    exact = L.LoRAConfig(targets=("transformer_blocks.0.attn.to_out.0", "single_transformer_blocks.1.attn.to_k"))
+    assert L.lora_targeted("transformer_blocks.*.attn.to_out.0", exact)
+    assert L.lora_targeted("single_transformer_blocks.*.attn.to_k", exact)
+    assert not L.lora_targeted("transformer_blocks.*.attn.to_k", exact)
+    assert L.lora_targeted("transformer_blocks.*.attn.to_q", L.LoRAConfig())
+    assert not L.lora_targeted("transformer_blocks.*.norm1.linear", L.LoRAConfig())
