@@ -152,6 +152,8 @@ def run(blocks: nnx.Module | None, carry: Any, fn: Callable[[nnx.Module, Any, An
         # op-by-op numerics eager callers rely on; scanning only pays off in a compiled program anyway.
         _log_once("scan.run outside jax.jit: layers run op by op in a python loop (scan applies under jit)")
         use_scan = False
+    if use_scan and length == 1:
+        use_scan = False  # a one-layer scan compiles the same block plus a loop around it: nothing to gain
     if use_scan:
         body = jax.checkpoint(step, policy=remat_policy, prevent_cse=False) if remat else step
 
