@@ -42,13 +42,17 @@ def _timed(fn, repeats: int):
     return first, sorted(times)[len(times) // 2]
 
 
-def dit_section(args, mesh):
+def build_dit(args, mesh, abstract: bool = False, scan_layers: bool = True) -> SimpleNamespace:
+    """Everything the rollout and the train step take, at full size (or ``--smoke`` size): config, policy,
+    optimizer, NFT hyper-parameters, base weights, LoRA train state and conditioning, laid out on ``mesh``.
+
+    ``abstract=True``: ``jax.ShapeDtypeStruct``s with their shardings instead of arrays (nothing allocated), for
+    ahead-of-time compilation (bench/compile.py); ``batch_for(x0)`` then also takes an abstract ``x0``."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from dit import _peak_for, model_flops
     from edit_r1_jax import engine
     from edit_r1_jax.diffusion import latents, schedule
     from edit_r1_jax.models import lora as L
@@ -60,44 +64,76 @@ def dit_section(args, mesh):
                  axes_dims_rope=(8, 12, 12), joint_attention_dim=64, pooled_projection_dim=32) if args.smoke else {}
     lcfg = L.LoRAConfig(rank=4 if args.smoke else 32, alpha=8.0 if args.smoke else 64.0)
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
-    cfg = FluxConfig(dtype=dtype, param_dtype=dtype, remat_policy=args.remat, lora=lcfg, **small)
+    cfg = FluxConfig(dtype=dtype, param_dtype=dtype, remat_policy=args.remat, lora=lcfg, scan_layers=scan_layers,
+                     **small)
     grid = 4 if args.smoke else 32  # 512x512 -> 64x64 latents -> 32x32 tokens
     n, t = grid * grid, (8 if args.smoke else 128)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     b = args.batch * dp
 
-    abstract = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_base, abstract_lora = L.split_policy(abstract)
+    abstract_model = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_base, abstract_lora = L.split_policy(abstract_model)
     base_sh, lora_sh = rules.state_shardings(abstract_base, mesh), rules.state_shardings(abstract_lora, mesh)
 
     def init():
         _, base, lora = L.split_policy(FluxTransformer(cfg, rngs=nnx.Rngs(0)))
         return base, lora
 
+    init_fn = jax.jit(init, out_shardings=(base_sh, lora_sh))
     t0 = time.perf_counter()
-    base, lora = jax.block_until_ready(jax.jit(init, out_shardings=(base_sh, lora_sh))())
+    base, lora = jax.eval_shape(init_fn) if abstract else jax.block_until_ready(init_fn())
     init_s = time.perf_counter() - t0
     policy = engine.Policy(graphdef, latents.kontext_ids(grid, grid), latents.text_ids(t), 2.5, (n, 64))
-    rng = np.random.default_rng(0)
-    cond = distributed.to_global(mesh, {
-        "ref": rng.standard_normal((b, n, 64)).astype(np.float32),
-        "text": rng.standard_normal((b, t, cfg.joint_attention_dim)).astype(np.float32),
-        "pooled": rng.standard_normal((b, cfg.pooled_projection_dim)).astype(np.float32)})
-    index = distributed.to_global(mesh, np.arange(b))
-    sigmas = schedule.sigmas(6, n)
     c = SimpleNamespace(train=SimpleNamespace(max_grad_norm=1.0, learning_rate=3e-4, adam_b1=0.9, adam_b2=0.999,
                                               adam_eps=1e-8, weight_decay=1e-4))
     tx = engine.make_optimizer(c)
-    state = engine.init_state(lora, tx, jax.random.key(0))
     hp = NFTConfig(num_micro_batches=1)
+    host = {"ref": ((b, n, 64), np.float32), "text": ((b, t, cfg.joint_attention_dim), np.float32),
+            "pooled": ((b, cfg.pooled_projection_dim), np.float32), "index": ((b,), np.int64)}
+    if abstract:
+        def batch_spec(shape, dt):
+            spec = rules.partition_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+            return jax.ShapeDtypeStruct(shape, dt, sharding=jax.sharding.NamedSharding(mesh, spec))
+
+        arrays = {k: batch_spec(*v) for k, v in host.items()}
+        state = jax.eval_shape(lambda lo: engine.init_state(lo, tx, jax.random.key(0)), lora)
+    else:
+        rng = np.random.default_rng(0)
+        arrays = distributed.to_global(mesh, {k: (rng.standard_normal(s).astype(d) if k != "index"
+                                                  else np.arange(b)) for k, (s, d) in host.items()})
+        state = engine.init_state(lora, tx, jax.random.key(0))
+    index = arrays.pop("index")
+    sigmas = schedule.sigmas(6, n)
+
+    def batch_for(x0):
+        per = {"r": np.full((b,), 0.6, np.float32), "mask": np.ones((b,), np.float32)}
+        if abstract:
+            per = {k: batch_spec(v.shape, v.dtype) for k, v in per.items()}
+        else:
+            per = distributed.to_global(mesh, per)
+        return dict(x0=x0, cond=arrays, index=index, sigmas=jnp.asarray(sigmas, jnp.float32), **per)
+
+    return SimpleNamespace(cfg=cfg, lcfg=lcfg, policy=policy, tx=tx, hp=hp, base=base, lora=lora, state=state,
+                           cond=arrays, index=index, sigmas=sigmas, batch_for=batch_for, b=b, n=n, t=t,
+                           init_s=init_s)
+
+
+def dit_section(args, mesh):
+    import jax
+    import numpy as np
+
+    from dit import _peak_for, model_flops
+    from edit_r1_jax import engine
+
+    d = build_dit(args, mesh)
+    cfg, lcfg, policy, tx, hp, base, lora, state = d.cfg, d.lcfg, d.policy, d.tx, d.hp, d.base, d.lora, d.state
+    cond, index, sigmas, b, n, t, init_s = d.cond, d.index, d.sigmas, d.b, d.n, d.t, d.init_s
 
     with jax.set_mesh(mesh):
         roll_first, roll_s = _timed(lambda: engine.sample(policy, base, state["theta_old"], cond, jax.random.key(1),
                                                           index, sigmas, "dpm2", 0.0), args.repeats)
         x0 = engine.sample(policy, base, state["theta_old"], cond, jax.random.key(1), index, sigmas, "dpm2", 0.0)
-        batch = dict(x0=x0, cond=cond, index=index, r=distributed.to_global(mesh, np.full((b,), 0.6, np.float32)),
-                     mask=distributed.to_global(mesh, np.ones((b,), np.float32)),
-                     sigmas=jnp.asarray(sigmas, jnp.float32))
+        batch = d.batch_for(x0)
         holder = {"state": state}
 
         def step():

@@ -38,6 +38,7 @@ from edit_r1_jax.diffusion import schedule
 from edit_r1_jax.models.flux.autoencoder import AutoencoderKL
 from edit_r1_jax.models.flux.autoencoder_params import load_vae
 from edit_r1_jax.models.flux.modeling import FluxConfig, FluxTransformer, kontext_velocity
+from edit_r1_jax.models import scan
 from edit_r1_jax.models.lora import LoRAConfig, LoRAParam, lora_from_flat
 from edit_r1_jax.weights import load_state, read_config
 
@@ -163,7 +164,8 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, np.ndarray], LoRAConfig]
     if alpha is None:
         log.warning("LoRA %s carries no alpha; using alpha = rank = %d (scale 1)", p, rank)
         alpha = rank
-    # exact module paths as targets: LoRA goes on precisely the layers the file has weights for
+    # exact module paths as targets: LoRA goes on precisely the modules the file has weights for (in stacked
+    # layers on every layer of that stack, zero where the file has none: see KontextEditor.from_pretrained)
     targets = tuple(sorted(k[: -len(".lora_a")] for k in a_keys))
     return flat, LoRAConfig(rank=rank, alpha=float(alpha), targets=targets)
 
@@ -197,6 +199,14 @@ class KontextEditor:
         transformer = load_transformer(d / "transformer", dtype=dtype, lora=lora_cfg)
         if lora_flat is not None:
             template = nnx.state(transformer, LoRAParam)
+            # Stacked layers share one graph, so an adapter the file gives for some layers of a stack exists on all
+            # of them; the layers without weights get zero adapters (A = B = 0: exactly the base layer).
+            wanted = scan.unstack_flat(template)
+            absent = sorted(set(wanted) - set(lora_flat))
+            if absent:
+                log.info("LoRA %s has no weights for %d per-layer tensors of stacked layers (e.g. %s): zero there",
+                         lora, len(absent), absent[0])
+                lora_flat = {**{k: np.zeros(wanted[k].shape, np.float32) for k in absent}, **lora_flat}
             nnx.update(transformer, lora_from_flat(lora_flat, template))
         vae = load_vae(d / "vae", dtype=dtype)
         text = None

@@ -78,6 +78,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from edit_r1_jax.models import scan
 from edit_r1_jax.parallel import rules as sharding_rules
 
 GB = 1e9
@@ -147,8 +148,14 @@ def _leaves(abstract_module, variable_type=None) -> list[Leaf]:
     for path, v in nnx.to_flat_state(state):
         value = v.get_value() if isinstance(v, nnx.Variable) else v
         axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
-        out.append(Leaf(".".join(str(p) for p in path), tuple(value.shape), jnp.dtype(value.dtype).itemsize,
-                        None if axes is None else tuple(axes)))
+        axes = None if axes is None else tuple(axes)
+        per_layer = scan.layer_keys(path, v)
+        if per_layer is None:
+            out.append(Leaf(".".join(str(p) for p in path), tuple(value.shape), jnp.dtype(value.dtype).itemsize,
+                            axes))
+        else:  # stacked layers (models/scan.py): one leaf per layer, as the checkpoints and FSDP gathers see them
+            out.extend(Leaf(k, tuple(value.shape[1:]), jnp.dtype(value.dtype).itemsize,
+                            None if axes is None else axes[1:]) for k in per_layer)
     return out
 
 

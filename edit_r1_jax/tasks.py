@@ -152,7 +152,7 @@ class ToyTask(Task):
         bar.close()
         if jax.process_index() == 0:
             path.mkdir(parents=True, exist_ok=True)
-            flat = {weights.path_str(p): v.get_value() for p, v in nnx.to_flat_state(base)}
+            flat = weights.flat_per_layer(base)  # per-layer keys, like every converted checkpoint
             weights.save_tensors(path / weights.PARAMS_FILE, flat)
         log.info("warm start: done, flow-matching loss %.4f; base cached in %s", float(loss), path)
         return base

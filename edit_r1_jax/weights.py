@@ -26,6 +26,8 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from edit_r1_jax.models import scan
+
 log = logging.getLogger(__name__)
 
 PARAMS_FILE = "params.safetensors"
@@ -192,11 +194,17 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def flat_shapes(abstract_state) -> dict[str, jax.ShapeDtypeStruct]:
-    """Flat ``{dotted path: ShapeDtypeStruct}`` of an (abstract) nnx.State."""
+    """Flat ``{dotted path: ShapeDtypeStruct}`` of an (abstract) nnx.State, in the per-layer checkpoint layout:
+    a stacked ``transformer_blocks.<rest> [L, *s]`` (models/scan.py) gives ``transformer_blocks.{i}.<rest> [s]``,
+    so converters write per-layer files whatever the in-memory layout."""
     out = {}
     for path, v in nnx.to_flat_state(abstract_state):
         value = v.get_value() if isinstance(v, nnx.Variable) else v
-        out[path_str(path)] = jax.ShapeDtypeStruct(value.shape, value.dtype)
+        keys = scan.layer_keys(path, v)
+        if keys is None:
+            out[path_str(path)] = jax.ShapeDtypeStruct(value.shape, value.dtype)
+        else:
+            out.update({k: jax.ShapeDtypeStruct(value.shape[1:], value.dtype) for k in keys})
     return out
 
 
@@ -384,7 +392,10 @@ def load_state(model_dir_or_file: str | os.PathLike, abstract_state, shardings=N
 
     ``shardings``: pytree of NamedSharding matching ``abstract_state`` (``parallel.rules.state_shardings``);
     default: the first local device. Values are cast to the abstract state's dtypes. ``prefix`` selects a
-    sub-tree of the file (keys ``prefix + path``).
+    sub-tree of the file (keys ``prefix + path``). Stacked variables (models/scan.py) are read from the per-layer
+    keys ``<head>.{i}.<rest>`` (the converters' layout) and stacked while streaming: each shard is built from the
+    per-layer slices it covers, so host memory stays near one shard and every host reads only its own slices.
+    A file that holds the stacked key itself (``<head>.<rest>`` [L, ...]) is read as is.
     """
     path = Path(model_dir_or_file)
     file = path / PARAMS_FILE if path.is_dir() else path
@@ -395,27 +406,45 @@ def load_state(model_dir_or_file: str | os.PathLike, abstract_state, shardings=N
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with safe_open(str(file), framework="numpy") as f:
         available = set(f.keys())
-        wanted = {prefix + path_str(p): p for p, _ in flat}
-        missing = sorted(set(wanted) - available)
-        problems = [f"missing: {missing}"] if missing else []
-        leaves = []
+        missing, problems, leaves = [], [], []
         for p, v in flat:
-            key = prefix + path_str(p)
             value = v.get_value() if isinstance(v, nnx.Variable) else v
-            if key in available and tuple(f.get_slice(key).get_shape()) != tuple(value.shape):
-                problems.append(f"{key}: file has {f.get_slice(key).get_shape()}, model expects {value.shape}")
-            leaves.append((p, v, key, value))
+            per_layer = scan.layer_keys(p, v)
+            if per_layer is not None and prefix + path_str(p) in available:
+                per_layer = None  # a file saved in the stacked layout itself (e.g. nnx.to_flat_state of a model)
+            keys = [prefix + path_str(p)] if per_layer is None else [prefix + k for k in per_layer]
+            want = tuple(value.shape) if per_layer is None else tuple(value.shape[1:])
+            for key in keys:
+                if key not in available:
+                    missing.append(key)
+                elif tuple(f.get_slice(key).get_shape()) != want:
+                    problems.append(f"{key}: file has {f.get_slice(key).get_shape()}, model expects {want}")
+            leaves.append((p, v, keys, per_layer is not None, value))
+        if missing:
+            problems.insert(0, f"missing: {sorted(missing)}")
         if problems:
             raise ConversionError(f"{file} does not match the model: " + "; ".join(problems))
         out = []
-        for p, v, key, value in leaves:
+        for p, v, keys, stacked, value in leaves:
             sh = default if sflat is None else sflat[p]
             sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
-            sl = f.get_slice(key)
-            arr = jax.make_array_from_callback(
-                tuple(value.shape), sh, lambda idx, sl=sl, dt=value.dtype: np.asarray(sl[idx]).astype(dt))
+            slices = [f.get_slice(k) for k in keys]
+            if stacked:
+                def read(idx, slices=slices, dt=value.dtype):
+                    layers = range(len(slices))[idx[0]]
+                    return np.stack([np.asarray(slices[i][idx[1:]]).astype(dt) for i in layers])
+            else:
+                def read(idx, sl=slices[0], dt=value.dtype):
+                    return np.asarray(sl[idx]).astype(dt)
+            arr = jax.make_array_from_callback(tuple(value.shape), sh, read)
             out.append((p, v.replace(arr) if isinstance(v, nnx.Variable) else arr))
     return nnx.from_flat_state(out)
+
+
+def flat_per_layer(state) -> dict[str, Any]:
+    """``{dotted key: array}`` of an nnx.State in the per-layer checkpoint layout (stacked layers unstacked),
+    e.g. to save parameters with ``save_tensors`` that ``load_state`` reads back into the stacked layout."""
+    return scan.unstack_flat(state)
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None):

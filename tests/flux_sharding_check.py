@@ -71,11 +71,11 @@ def main():
         out, out_base, grad = step(base_s, lora_s, inp_s)
     out, out_base, grad = jax.device_get((out, out_base, grad))
 
-    kernel = base_s["transformer_blocks"][0]["attn"]["to_q"]["kernel"].get_value()
+    kernel = base_s["transformer_blocks"]["attn"]["to_q"]["kernel"].get_value()[0]
     spec = tuple(kernel.sharding.spec)
     shard_shape = kernel.addressable_shards[0].data.shape
-    mlp = base_s["single_transformer_blocks"][0]["proj_mlp"]["kernel"].get_value()
-    lora_a = lora_s["transformer_blocks"][0]["attn"]["to_q"]["lora_a"].get_value()
+    mlp = base_s["single_transformer_blocks"]["proj_mlp"]["kernel"].get_value()[0]
+    lora_a = lora_s["transformer_blocks"]["attn"]["to_q"]["lora_a"].get_value()[0]
     scale = float(np.abs(ref_out).max())
     gflat = jax.tree.leaves(grad)
     rflat = jax.tree.leaves(ref_grad)
@@ -98,13 +98,14 @@ def main():
     from edit_r1_jax.models.flux import params
 
     with tempfile.TemporaryDirectory() as d:
-        flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(base)}
+        # per-layer keys, as the converters write them: the loader stacks them shard by shard on the mesh
+        flat = {k: np.asarray(v) for k, v in weights.flat_per_layer(base).items()}
         weights.save_tensors(os.path.join(d, weights.PARAMS_FILE), flat)
         with open(os.path.join(d, weights.CONFIG_FILE), "w") as f:
             json.dump(cfg.to_diffusers(), f)
         _, g2, base2, lora2 = params.load_transformer(d, mesh=mesh, lora=cfg.lora, remat_policy="dots_saveable")
-        k2 = base2["transformer_blocks"][0]["attn"]["to_q"]["kernel"].get_value()
-        a2 = lora2["transformer_blocks"][0]["attn"]["to_q"]["lora_a"].get_value()
+        k2 = base2["transformer_blocks"]["attn"]["to_q"]["kernel"].get_value()[0]
+        a2 = lora2["transformer_blocks"]["attn"]["to_q"]["lora_a"].get_value()[0]
         assert tuple(k2.sharding.spec) == ("fsdp", "tensor") and np.array_equal(np.asarray(k2), np.asarray(kernel))
         assert a2.sharding.spec[0] == "fsdp" and a2.addressable_shards[0].data.shape[0] * 2 == a2.shape[0]
         with jax.set_mesh(mesh):

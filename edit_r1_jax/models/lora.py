@@ -20,19 +20,22 @@ Functional side (what the trainer uses; all of it works inside ``jax.jit`` / ``j
         ``graphdef`` is static: close over it (``functools.partial``) or mark it static in ``jax.jit``.
         Gradients w.r.t. LoRA only: ``jax.grad(lambda l: loss(apply(g, base, l, ...)))(lora_state)``.
     ``merge_lora_state(model, lora_state)`` puts a LoRA pytree into a stateful model (``nnx.update``).
-    ``lora_to_flat(lora_state) / lora_from_flat(flat, template)``: ``{dotted path: array}`` dict <-> State, used
-        by checkpointing and the PEFT exporter (``edit_r1_jax.models.flux.params``).
+    ``lora_to_flat(lora_state) / lora_from_flat(flat, template)``: ``{dotted path: array}`` dict <-> State in the
+        per-layer layout (stacked layers are unstacked / restacked, models/scan.py), used by the LoRA export and
+        the PEFT exporter (``edit_r1_jax.models.flux.params``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from edit_r1_jax.models import scan
 from edit_r1_jax.parallel import rules
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -73,8 +76,15 @@ class LoRAParam(nnx.Variable):
 
 
 def lora_targeted(path: str, cfg: LoRAConfig | None) -> bool:
+    """``path`` ends with a target on a ``.`` boundary. In a stacked block (models/scan.py) the layer index is
+    ``*`` (``transformer_blocks.*.attn.to_q``): an exact per-layer target such as ``transformer_blocks.0.attn.to_q``
+    matches it, and then every layer of the stack carries the adapter (one graph for all layers)."""
     if cfg is None or not path:
         return False
+    if "*" in path:
+        pattern = re.compile(r"(?:.*\.)?" + re.escape(path).replace(r"\*", r"\d+"))
+        if any(pattern.fullmatch(t) for t in cfg.targets):
+            return True
     return any(path == t or path.endswith("." + t) for t in cfg.targets)
 
 
@@ -143,7 +153,11 @@ def merge(graphdef, base_state, lora_state) -> nnx.Module:
     if lora_state is None:
         # Zero-size stand-ins: the disabled LoRA branches never read them (and they are valid jax arrays, so
         # nnx.remat / jax.checkpoint inside the model accept them).
-        placeholder = jax.tree.map(lambda s: jnp.zeros((0,), s.dtype), _placeholder(graphdef))
+        # Stacked LoRA (models/scan.py) keeps its leading layer axis so that the layer scan can slice it.
+        placeholder = jax.tree.map(
+            lambda v: v.replace(jnp.zeros(v.get_value().shape[:1] + (0,) if scan.is_stacked(v) else (0,),
+                                          v.get_value().dtype)),
+            _placeholder(graphdef), is_leaf=lambda x: isinstance(x, nnx.Variable))
         model = nnx.merge(graphdef, base_state, placeholder)
         for _, m in model.iter_modules():
             if isinstance(m, Linear) and m.lora_enabled:
@@ -165,26 +179,13 @@ def merge_lora_state(model: nnx.Module, lora_state) -> None:
 
 
 def lora_to_flat(lora_state) -> dict[str, jax.Array]:
-    return {".".join(str(p) for p in path): (v.get_value() if isinstance(v, nnx.Variable) else v)
-            for path, v in nnx.to_flat_state(lora_state)}
+    """``{dotted path: array}`` in the per-layer layout (a stacked ``transformer_blocks.attn.to_q.lora_a``
+    [L, in, r] becomes ``transformer_blocks.{i}.attn.to_q.lora_a`` [in, r], see models/scan.py)."""
+    return scan.unstack_flat(lora_state)
 
 
 def lora_from_flat(flat: dict[str, Any], template):
-    """State shaped like ``template`` (a lora_state) with values from ``flat``; checks keys and shapes."""
-    out = []
-    missing = []
-    for path, v in nnx.to_flat_state(template):
-        key = ".".join(str(p) for p in path)
-        if key not in flat:
-            missing.append(key)
-            continue
-        value = jnp.asarray(flat[key], dtype=jnp.float32)
-        ref = v.get_value() if isinstance(v, nnx.Variable) else v
-        if value.shape != tuple(ref.shape):
-            raise ValueError(f"LoRA tensor {key}: shape {value.shape}, model expects {tuple(ref.shape)}")
-        out.append((path, v.replace(value) if isinstance(v, nnx.Variable) else value))
-    extra = sorted(set(flat) - {".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(template)})
-    if missing or extra:
-        raise ValueError(f"LoRA state mismatch: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
-    return nnx.from_flat_state(out)
+    """State shaped like ``template`` (a lora_state) with values from the per-layer ``flat`` (float32, stacked
+    where the template is); checks keys and shapes, the error names them."""
+    return scan.stack_flat(flat, template, what="LoRA state",
+                           cast=lambda value, ref: jnp.asarray(value, dtype=jnp.float32))

@@ -32,6 +32,7 @@ DEFAULT_RULES: Rules = (
     ("conv_out", "fsdp"),
     ("norm", None),
     ("lora_rank", None),
+    ("layers", None),  # stacked layers (models/scan.py): every device holds every layer's shard
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("act_embed", None),

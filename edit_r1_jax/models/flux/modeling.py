@@ -4,6 +4,9 @@ Parameter paths mirror the diffusers module names (``transformer_blocks.3.attn.t
 ``transformer_blocks.3.attn.to_out.0.kernel``, ``transformer_blocks.3.ff.net.0.proj.kernel``,
 ``single_transformer_blocks.5.proj_mlp.kernel``, ``time_text_embed.timestep_embedder.linear_1.kernel``,
 ``norm_out.linear.kernel``, ...); Linear weights are ``kernel [in, out]`` + ``bias``, RMSNorm weights ``scale``.
+In memory the double and single blocks are stacked (``transformer_blocks.attn.to_q.kernel [19, in, out]``, LoRA
+likewise) and run under ``jax.lax.scan`` (models/scan.py); checkpoints and exported LoRA keep the per-layer keys
+above, the loaders stack at load.
 
 Precision: RoPE tables, the sinusoidal timestep/guidance features, the timestep/guidance/pooled-text embedders,
 all norm statistics and the attention softmax run in float32; everything else in ``config.dtype``.
@@ -22,6 +25,7 @@ multiplied by 1000 inside. The single-stream blocks keep ``[text; image]`` conca
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -31,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from edit_r1_jax.models.attention import attention
+from edit_r1_jax.models import scan
 from edit_r1_jax.models.lora import Linear, LoRAConfig
 from edit_r1_jax.parallel import rules
 
@@ -64,6 +69,9 @@ class FluxConfig:
     remat_policy: str = "none"
     attention_impl: str | None = None
     lora: LoRAConfig | None = None
+    # Double and single blocks run under jax.lax.scan over stacked parameters (models/scan.py: one compiled block
+    # per kind). False: the same stacked parameters in a python loop (reference for tests and bench/compile.py).
+    scan_layers: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -320,41 +328,29 @@ class FluxSingleTransformerBlock(nnx.Module):
         return (h + g * out).astype(dt)
 
 
-def _remat(fn, policy):
-    """Per-block rematerialisation: ``jax.checkpoint`` over the block's split state.
-
-    (``nnx.remat`` writes variables back into the enclosing module, which fails when the module itself was merged
-    inside a ``jax.grad`` trace, as in ``lora.apply``; splitting here keeps the block functional. Static flags such as
-    a disabled LoRA branch travel in the graphdef.)"""
-
-    def wrapped(block, *args):
-        graphdef, state = nnx.split(block)
-
-        def pure(state, *args):
-            return fn(nnx.merge(graphdef, state), *args)
-
-        return jax.checkpoint(pure, policy=policy, prevent_cse=True)(state, *args)
-
-    return wrapped
-
-
 class FluxTransformer(nnx.Module):
     def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         d = cfg.inner_dim
 
-        def mk(i, o, axes, path, dtype=None):
-            return Linear(i, o, axes=axes, dtype=cfg.dtype if dtype is None else dtype,
-                          param_dtype=cfg.param_dtype, path=path, lora=cfg.lora, rngs=rngs)
+        def linears(rngs):
+            def mk(i, o, axes, path, dtype=None):
+                return Linear(i, o, axes=axes, dtype=cfg.dtype if dtype is None else dtype,
+                              param_dtype=cfg.param_dtype, path=path, lora=cfg.lora, rngs=rngs)
+            return mk
+
+        mk = linears(rngs)
 
         self.x_embedder = mk(cfg.in_channels, d, (None, "embed"), "x_embedder")
         self.context_embedder = mk(cfg.joint_attention_dim, d, (None, "embed"), "context_embedder")
         self.time_text_embed = TimeTextEmbed(cfg, mk)
-        self.transformer_blocks = nnx.List(
-            [FluxTransformerBlock(cfg, mk, f"transformer_blocks.{i}") for i in range(cfg.num_layers)])
-        self.single_transformer_blocks = nnx.List(
-            [FluxSingleTransformerBlock(cfg, mk, f"single_transformer_blocks.{i}")
-             for i in range(cfg.num_single_layers)])
+        # Stacked: transformer_blocks.<rest> [L, ...] <-> checkpoint keys transformer_blocks.{i}.<rest>; the
+        # LoRA target path of a stacked layer carries "*" for the index (lora.lora_targeted).
+        self.transformer_blocks = scan.stack(
+            lambda r: FluxTransformerBlock(cfg, linears(r), "transformer_blocks.*"), cfg.num_layers, rngs)
+        self.single_transformer_blocks = scan.stack(
+            lambda r: FluxSingleTransformerBlock(cfg, linears(r), "single_transformer_blocks.*"),
+            cfg.num_single_layers, rngs)
         self.norm_out = _LinearHolder()
         self.norm_out.linear = mk(d, 2 * d, ("embed", None), "norm_out.linear")
         self.proj_out = mk(d, cfg.out_dim, ("embed", None), "proj_out")
@@ -381,27 +377,20 @@ class FluxTransformer(nnx.Module):
         cos, sin = rope_tables(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope)
         temb_c = temb.astype(dt)  # modulation linears run in the compute dtype
 
-        policy = REMAT_POLICIES[cfg.remat_policy]
-        remat = cfg.remat_policy != "none"
+        # Per-block remat (policy from REMAT_POLICIES) inside the layer scan.
+        run = functools.partial(scan.run, remat_policy=REMAT_POLICIES[cfg.remat_policy], use_scan=cfg.scan_layers)
 
-        def double(block, x, c, temb, cos, sin):
-            return block(x, c, temb, cos, sin)
+        def double(block, xc, _):
+            x, c = block(xc[0], xc[1], temb_c, cos, sin)
+            return (rules.constrain(x, ("batch", "length", "act_embed")),
+                    rules.constrain(c, ("batch", "length", "act_embed")))
 
-        def single(block, h, temb, cos, sin):
-            return block(h, temb, cos, sin)
+        def single(block, h, _):
+            return rules.constrain(block(h, temb_c, cos, sin), ("batch", "length", "act_embed"))
 
-        if remat:
-            double = _remat(double, policy)
-            single = _remat(single, policy)
-
-        for block in self.transformer_blocks:
-            x, c = double(block, x, c, temb_c, cos, sin)
-            x = rules.constrain(x, ("batch", "length", "act_embed"))
-            c = rules.constrain(c, ("batch", "length", "act_embed"))
+        x, c = run(self.transformer_blocks, (x, c), double)
         h = jnp.concatenate([c, x], axis=1)
-        for block in self.single_transformer_blocks:
-            h = single(block, h, temb_c, cos, sin)
-            h = rules.constrain(h, ("batch", "length", "act_embed"))
+        h = run(self.single_transformer_blocks, h, single)
         x = h[:, t_len:]
         scale, shift = _modulation(self.norm_out, temb_c, 2)
         x = (_layer_norm(x) * (1 + scale) + shift).astype(dt)

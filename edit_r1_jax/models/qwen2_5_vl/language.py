@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from edit_r1_jax.models import scan
 from edit_r1_jax.models.attention import attention
 from edit_r1_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, SwiGLU, _init, apply_rope
 from edit_r1_jax.parallel import rules
@@ -31,6 +32,7 @@ class TextConfig:
     tie_word_embeddings: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = True  # decoder layers under jax.lax.scan (models/scan.py); False: python loop
 
     @property
     def head_dim(self) -> int:
@@ -126,7 +128,8 @@ class TextModel(nnx.Module):
         self.config = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                   rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        # Stacked: model.layers.<rest> [L, ...] <-> checkpoint keys model.layers.{i}.<rest> (models/scan.py).
+        self.layers = scan.stack(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
     def __call__(self, inputs_embeds, attention_mask, position_ids):
@@ -134,6 +137,5 @@ class TextModel(nnx.Module):
         cos, sin = mrope_cos_sin(position_ids, self.config)
         mask = causal_padding_mask(attention_mask)
         x = rules.constrain(inputs_embeds.astype(self.config.dtype), ("batch", "length", "act_embed"))
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        x = scan.run(self.layers, x, lambda layer, x, _: layer(x, cos, sin, mask), use_scan=self.config.scan_layers)
         return self.norm(x)

@@ -30,20 +30,22 @@ class Qwen2_5_VLConfig:
     vision_end_token_id: int = 151653
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = True  # vision blocks and decoder layers under jax.lax.scan (models/scan.py)
 
     def __post_init__(self):
-        # one precision policy for the whole model
+        # one precision policy (and one layer-loop choice) for the whole model
         for name in ("vision_config", "text_config"):
             sub = getattr(self, name)
-            if sub.dtype != self.dtype or sub.param_dtype != self.param_dtype:
+            if (sub.dtype, sub.param_dtype, sub.scan_layers) != (self.dtype, self.param_dtype, self.scan_layers):
                 object.__setattr__(self, name, dataclasses.replace(sub, dtype=self.dtype,
-                                                                    param_dtype=self.param_dtype))
+                                                                    param_dtype=self.param_dtype,
+                                                                    scan_layers=self.scan_layers))
 
     def to_dict(self) -> dict:
         """JSON-able dict of the architecture (dtypes excluded: they are a run-time choice)."""
         def sub(c):
             d = dataclasses.asdict(c)
-            d.pop("dtype"), d.pop("param_dtype")
+            d.pop("dtype"), d.pop("param_dtype"), d.pop("scan_layers")
             return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
         return {"vision_config": sub(self.vision_config), "text_config": sub(self.text_config),
                 "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
@@ -54,7 +56,7 @@ class Qwen2_5_VLConfig:
     def from_dict(cls, d: Mapping, dtype=jnp.float32, param_dtype=jnp.float32) -> "Qwen2_5_VLConfig":
         """Inverse of ``to_dict`` (our converted ``config.json``)."""
         def make(klass, sub, where):
-            fields = {f.name for f in dataclasses.fields(klass)} - {"dtype", "param_dtype"}
+            fields = {f.name for f in dataclasses.fields(klass)} - {"dtype", "param_dtype", "scan_layers"}
             unknown = set(sub) - fields
             if unknown:
                 raise ValueError(f"config.{where}: unknown fields {sorted(unknown)}")

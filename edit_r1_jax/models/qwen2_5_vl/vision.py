@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from edit_r1_jax.models import scan
 from edit_r1_jax.models.attention import attention
 from edit_r1_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, SwiGLU, apply_rope
 from edit_r1_jax.parallel import rules
@@ -40,6 +41,7 @@ class VisionConfig:
     rope_theta: float = 10000.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = True  # blocks under jax.lax.scan (models/scan.py); False: python loop
 
     @property
     def head_dim(self) -> int:
@@ -163,7 +165,8 @@ class VisionTransformer(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.patch_embed = PatchEmbed(cfg, rngs=rngs)
-        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        # Stacked: visual.blocks.<rest> [depth, ...] <-> checkpoint keys visual.blocks.{i}.<rest> (models/scan.py).
+        self.blocks = scan.stack(lambda r: VisionBlock(cfg, rngs=r), cfg.depth, rngs)
         self.merger = PatchMerger(cfg, rngs=rngs)
 
     def rope(self, pos: np.ndarray) -> tuple[jax.Array, jax.Array]:
@@ -193,8 +196,15 @@ class VisionTransformer(nnx.Module):
         window_mask = jnp.asarray(_segment_mask(cu_win, L))[None, None]
         frame_cu = np.arange(grid[0] + 1) * grid[1] * grid[2]  # full attention is per frame
         full_mask = None if grid[0] == 1 else jnp.asarray(_segment_mask(frame_cu, L))[None, None]
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, full_mask if i in cfg.fullatt_block_indexes else window_mask)
+        # One scanned block for both kinds: a per-layer flag (scanned with the parameters) selects the mask; an
+        # all-true mask is full attention over a single frame.
+        full = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
+
+        def block(blk, x, is_full):
+            mask = window_mask | is_full if full_mask is None else jnp.where(is_full, full_mask, window_mask)
+            return blk(x, cos, sin, mask)
+
+        x = scan.run(self.blocks, x, block, xs=full, use_scan=cfg.scan_layers)
 
         merged = self.merger(x)
         return merged[:, np.argsort(widx)]
