@@ -18,7 +18,9 @@ def get_config(variant: str = "") -> ConfigDict:
     c.num_epochs = 100000
     c.resume = True  # continue from the latest checkpoint in run_dir/checkpoints if there is one
 
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # allow_replicated_fallback: a mesh the device topology cannot lay out, or a parameter dim its mesh axes do
+    # not divide, raises at start-up; True falls back (device order as listed / replicated) with a warning.
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, allow_replicated_fallback=False))
     c.distributed = ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))  # empty: from env / auto
 
     c.model = ConfigDict()
