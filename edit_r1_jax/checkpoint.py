@@ -9,18 +9,24 @@ that never stopped (spec H.11 lists what the reference loses).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, max_to_keep: int | None = 3):
-        self.directory = Path(directory).absolute()
+    """Every process constructs it and calls ``save``/``restore`` (orbax coordinates the hosts; each writes its
+    own shards). ``directory``: a local path or any URL etils.epath and orbax reach (gs://bucket/run/...)."""
+
+    def __init__(self, directory, max_to_keep: int | None = 3):
+        directory = epath.Path(directory)
+        # A relative local path is made absolute (orbax needs it); a URL is used as given.
+        self.directory = directory if "://" in os.fspath(directory) else directory.absolute()
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 

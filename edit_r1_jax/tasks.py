@@ -18,13 +18,15 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
-from edit_r1_jax import engine, weights
+from edit_r1_jax import engine, runpath, weights
 from edit_r1_jax.data import toy
 from edit_r1_jax.diffusion import latents, schedule
 from edit_r1_jax.models import lora as lora_lib
@@ -98,20 +100,21 @@ class ToyTask(Task):
         self.lora_init = lora
         self.policy = engine.Policy(graphdef, latents.kontext_ids(self.res // 2, self.res // 2),
                                     latents.text_ids(int(t.text_length)), None, (tokens, 12))
-        self.base = self._warm_start(base, Path(run_dir) / "warm_base", writer)
+        self.base = self._warm_start(base, epath.Path(run_dir) / "warm_base", writer)
         self.sigmas_train = schedule.sigmas(int(c.sample.num_steps), tokens)
         self.sigmas_eval = schedule.sigmas(int(c.eval.num_steps), tokens)
         self.reward_fn = reward_registry.default_registry.combine(dict(c.reward.weights), c.reward.on_error)
 
     # -- supervised warm start ------------------------------------------------------------------------------
-    def _warm_start(self, base, path: Path, writer):
+    def _warm_start(self, base, path: epath.Path, writer):
         w = self.c.warmup
         if w.steps <= 0:
             return base
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), base)
         if (path / weights.PARAMS_FILE).exists():
             log.info("warm start: loading %s", path)
-            return weights.load_state(path, abstract, jax.tree.map(lambda s: s.sharding, abstract))
+            with runpath.local_file(path / weights.PARAMS_FILE) as local:
+                return weights.load_state(local, abstract, jax.tree.map(lambda s: s.sharding, abstract))
         log.info("warm start: %d steps of supervised flow matching (batch %d)", w.steps, w.batch_size)
         tx = _adam(float(w.learning_rate))
         opt = tx.init(base)
@@ -128,7 +131,7 @@ class ToyTask(Task):
         if jax.process_index() == 0:
             path.mkdir(parents=True, exist_ok=True)
             flat = {weights.path_str(p): v.get_value() for p, v in nnx.to_flat_state(base)}
-            weights.save_tensors(path / weights.PARAMS_FILE, flat)
+            runpath.save_safetensors(path / weights.PARAMS_FILE, flat)
         return base
 
     # -- the task interface ---------------------------------------------------------------------------------

@@ -19,12 +19,13 @@ import jax.experimental.multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from absl import app
+from etils import epath
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from edit_r1_jax import checkpoint as ckpt_lib
 from edit_r1_jax import config as config_lib
-from edit_r1_jax import engine, tasks, weights
+from edit_r1_jax import engine, runpath, tasks
 from edit_r1_jax import metrics as metrics_lib
 from edit_r1_jax.data.groups import GroupSampler
 from edit_r1_jax.models import lora as lora_lib
@@ -51,7 +52,7 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
     distributed.initialize(c.distributed.coordinator, c.distributed.num_processes, c.distributed.process_id)
     mesh = mesh_lib.make_mesh(dict(c.mesh))
     sizes = config_lib.validate(c, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
-    run_dir = Path(c.run_dir)
+    run_dir = epath.Path(c.run_dir)  # local folder or bucket URL alike (gs://...): never a local Path
     writer = metrics_lib.MetricWriter(run_dir, tensorboard=c.log.tensorboard)
     timer = metrics_lib.Timer()
     summary: dict[str, Any] = {"eval": {}}
@@ -177,15 +178,17 @@ def update(c, task, mesh, tx, hp, state, batches, adv, filt, sizes):
     return state, {f"train/{k}": float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
 
 
-def export_lora(c, path: Path, lora) -> None:
+def export_lora(c, path, lora) -> None:
     """The EMA LoRA (the evaluation policy, spec B.7) in our flat layout, ready for
-    ``python -m tools.convert_weights export-lora --src PATH --dst FILE`` and ``edit --lora PATH``."""
+    ``python -m tools.convert_weights export-lora --src PATH --dst FILE`` and ``edit --lora PATH``.
+    Every process takes part in the gather; process 0 writes, through epath (``path`` may be a bucket URL)."""
     flat = {k: np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True))
             for k, v in lora_lib.lora_to_flat(lora).items()}
     if jax.process_index() != 0:
         return
+    path = epath.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights.save_tensors(path / "lora.safetensors", flat)
+    runpath.save_safetensors(path / "lora.safetensors", flat)
     (path / "config.json").write_text(json.dumps(
         {"lora": {"rank": int(c.lora.rank), "alpha": float(c.lora.alpha), "targets": list(c.lora.targets)}}))
 
