@@ -79,7 +79,9 @@ def get_config(variant: str = "") -> ConfigDict:
     c.reward.batch_size = 24
 
     c.eval = ConfigDict(dict(every=10, num_steps=15, solver="flow", num_samples=72, batch_size=72))
-    c.checkpoint = ConfigDict(dict(every=30, max_to_keep=3))
-    c.log = ConfigDict(dict(image_every=10, num_images=8, tensorboard=True, progress=True))
+    c.checkpoint = ConfigDict(dict(every=30, max_to_keep=3, use_ocdbt=True))  # see checkpoint.Checkpointer
+    # sync_phase_times: block after each phase so time/rollout, time/decode are device times (costs the overlap
+    # of host and device work; off by default, when they are dispatch times and the wait lands in time/reward)
+    c.log = ConfigDict(dict(image_every=10, num_images=8, tensorboard=True, progress=True, sync_phase_times=False))
     c.warmup = ConfigDict(dict(steps=0, learning_rate=1e-3, batch_size=32))  # supervised start (toy only)
     return c

@@ -7,8 +7,10 @@ A task gives the loop:
   num_train_rows         rows the group sampler draws from (row id = group id)
   inputs(rows, split)    host arrays for this host's rows (source image, text embeddings)
   encode(inputs)         jitted: global inputs -> conditioning {"ref", "text", "pooled"}
-  decode(x0)             jitted: final latents -> images [B, H, W, 3] in [0, 1]
-  reward(rows, inputs, images, index, split) -> (total [b], per-reward {name: [b]}, valid [b])
+  decode(x0)             jitted: final latents -> images [B, H, W, 3] in [0, 1] (global, on the mesh)
+  reward(rows, inputs, images, index, split) -> (total [B], per-reward {name: [B]}, valid [B])
+                         on the GLOBAL batch: rows/index are all B rows (numpy, the same on every process),
+                         inputs/images the global arrays; the results are numpy, the same on every process
 Two tasks: "toy" (pixel-space shapes editing, CPU demo) and "kontext" (FLUX.1-Kontext with VAE, text cache and
 MLLM reward).
 """
@@ -155,8 +157,11 @@ class ToyTask(Task):
         return jnp.clip((latents.unpack(x0, self.res, self.res) + 1) / 2, 0, 1)
 
     def reward(self, rows, inputs, images, index, split: str = "train"):
+        # The verifier is host-side: the one place the decoded images are copied to the hosts (all of them,
+        # 16x16 pixels each; every host scores the global batch, so nothing is gathered afterwards).
         d = self._rows(split)
-        return self._score({"image": images * 2 - 1, "source": inputs["source"], "target": d["target"][rows]})
+        image, source = distributed.gather_global(images), distributed.gather_global(inputs["source"])
+        return self._score({"image": image * 2 - 1, "source": source, "target": d["target"][np.asarray(rows)]})
 
     def caption(self, row, split: str = "train") -> str:
         return self._rows(split)["prompt"][int(row)]
