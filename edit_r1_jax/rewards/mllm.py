@@ -49,7 +49,7 @@ def bucket_length(n: int, multiple: int = 64) -> int:
     ``n`` (so padding wastes at most ~12.5% and lengths within one octave share at most 8 programs)."""
     if n <= 0:
         raise ValueError(f"sequence length must be positive, got {n}")
-    step = max(int(multiple), 2 ** max(0, math.ceil(math.log2(n)) - 3))
+    step = max(int(multiple), 2 ** max(0, math.ceil(math.log2(n)) - 4))  # octave (2^(k-1), 2^k] in 8 steps
     return math.ceil(n / step) * step
 
 
