@@ -14,7 +14,7 @@ level flips a pixel by 1/255, which moves this tiny, deliberately sensitive judg
 all-reduce rounds differently; the others equal to 1e-6 or exactly). So per epoch: at least 3 of the 8 rewards
 equal to 1e-5 (a wrong data share, gather order or prompt would move nearly every sample by the rewards' own
 spread, ~5e-3) and the max |difference| <= 3e-3; the sampled rows equal exactly; the filter's mask and ban set follow the paper rule on each run's own
-rewards; the LoRA of both runs trained and agrees to 35% of its update (the filter decisions and r inherit the
+rewards; the LoRA of both runs trained and agrees to 5% of its update (seen: 0.9%) (the filter decisions and r inherit the
 flips, so bit-level agreement downstream is not expected). The resume must draw exactly the rows and bans the
 uninterrupted run drew.
 """
@@ -129,7 +129,7 @@ def _assert_same(a, b):
     delta = np.sqrt(sum(float(np.sum((ta[k] - tb[k]) ** 2)) for k in ta))
     size = np.sqrt(sum(float(np.sum(ta[k] ** 2)) for k in ta if "lora_b" in k))
     print("LoRA |theta_2x4 - theta_1x8| =", delta, "|lora_b| =", size)
-    assert size > 0 and delta <= 0.35 * size
+    assert size > 0 and delta <= 0.05 * size
     for x in (a, b):
         assert np.all(np.isfinite(x["policy_loss"]))
 
