@@ -18,7 +18,9 @@ def get_config(variant: str = "") -> ConfigDict:
     c.num_epochs = 100000
     c.resume = True  # continue from the latest checkpoint in run_dir/checkpoints if there is one
 
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # allow_replicated_fallback: a mesh the device topology cannot lay out, or a parameter dim its mesh axes do
+    # not divide, raises at start-up; True falls back (device order as listed / replicated) with a warning.
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, allow_replicated_fallback=False))
     c.distributed = ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))  # empty: from env / auto
 
     c.model = ConfigDict()
@@ -82,7 +84,11 @@ def get_config(variant: str = "") -> ConfigDict:
     c.eval = ConfigDict(dict(every=10, num_steps=15, solver="flow", num_samples=72, batch_size=72))
     # restore_step: -1 = the latest step; N = that older step (e.g. when the latest is corrupt).
     # allow_config_change: resume although fields that change the state or the run's meaning differ.
-    c.checkpoint = ConfigDict(dict(every=30, max_to_keep=3, restore_step=-1, allow_config_change=False))
-    c.log = ConfigDict(dict(image_every=10, num_images=8, tensorboard=True, progress=True))
+    # use_ocdbt: see checkpoint.Checkpointer.
+    c.checkpoint = ConfigDict(dict(every=30, max_to_keep=3, restore_step=-1, allow_config_change=False,
+                                   use_ocdbt=True))
+    # sync_phase_times: block after each phase so time/rollout, time/decode are device times (costs the overlap
+    # of host and device work; off by default, when they are dispatch times and the wait lands in time/reward)
+    c.log = ConfigDict(dict(image_every=10, num_images=8, tensorboard=True, progress=True, sync_phase_times=False))
     c.warmup = ConfigDict(dict(steps=0, learning_rate=1e-3, batch_size=32))  # supervised start (toy only)
     return c

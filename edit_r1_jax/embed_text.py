@@ -9,8 +9,10 @@ strings; a malformed line raises :class:`MetadataError` naming file and line) an
     DATA_DIR/text_cache/<split>.json          {"fingerprint", "t5_length", "clip_length", "dtype", "entries": {key: prompt}}
 
 ``key`` = sha256 of the instruction text (UTF-8). The ``fingerprint`` hashes the two converted encoders'
-``config.json``, their ``params.safetensors`` size and mtime, their tokenizer files' contents, the token
-lengths and the compute dtype, so a changed encoder invalidates the cache; a changed or new instruction is simply a missing key.
+``config.json``, a content digest of their ``params.safetensors`` (see :func:`weights_digest`), their tokenizer
+files' contents, the token lengths and the compute dtype: content only, never file times, so a copy of the
+dataset and model to each worker (a bucket sync sets new mtimes) keeps the cache valid, while a changed encoder
+invalidates it; a changed or new instruction is simply a missing key.
 Re-running reuses the rows whose key and fingerprint match and encodes only the rest. Tensors are written one
 at a time (host memory ~ one batch). ``TextCache.lookup(prompts)`` reads the rows back (lazily, per key).
 """
@@ -31,7 +33,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 __all__ = ["MetadataError", "StaleCacheError", "read_metadata", "prompt_key", "encoder_fingerprint", "build_cache",
-           "TextCache", "main"]
+           "TextCache", "weights_digest", "main"]
 
 CACHE_DIR = "text_cache"
 
@@ -56,6 +58,37 @@ def prompt_key(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
 
+DIGEST_BLOCKS, DIGEST_BLOCK_BYTES = 64, 1 << 16
+
+
+def weights_digest(path: str | Path) -> bytes:
+    """Content digest of a safetensors file without reading all of it (T5-XXL is ~9 GB, read on every host at
+    every start): the file size, the whole JSON header (every tensor's name, dtype, shape and offsets) and
+    ``DIGEST_BLOCKS`` blocks of ``DIGEST_BLOCK_BYTES`` evenly spaced over the data. Another checkpoint (retrained,
+    fine-tuned or converted in another dtype) differs in the header or in essentially every block; a change
+    confined to bytes between the sampled blocks would go unnoticed (a hand-edited file, not a real encoder)."""
+    import struct
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(0)
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise ValueError(f"{path}: safetensors header length {n} exceeds the file size {size}")
+        h.update(f"{size}".encode())
+        h.update(f.read(n))
+        start, length = 8 + n, size - 8 - n
+        for i in range(DIGEST_BLOCKS):
+            f.seek(start + (length * i) // DIGEST_BLOCKS)
+            h.update(f.read(DIGEST_BLOCK_BYTES))
+    return h.digest()
+
+
 def encoder_fingerprint(model_dir: str | Path, t5_length: int = 128, clip_length: int = 77,
                         compute_dtype: str = "float32") -> str:
     h = hashlib.sha256()
@@ -68,8 +101,7 @@ def encoder_fingerprint(model_dir: str | Path, t5_length: int = 128, clip_length
             raise FileNotFoundError(f"{d} is not a converted text encoder (config.json + params.safetensors)")
         h.update(comp.encode())
         h.update(cfg.read_bytes())
-        st = params.stat()
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(weights_digest(params))
         tok = d / "tokenizer"
         if tok.is_dir():
             for f in sorted(tok.iterdir()):

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from edit_r1_jax import engine
+from edit_r1_jax import engine, weights
 from edit_r1_jax.data import source as data_source
 from edit_r1_jax.data.images import to_model_range
 from edit_r1_jax.diffusion import latents
+from edit_r1_jax.models.flux import autoencoder_params as vae_params
 from edit_r1_jax.models.flux.autoencoder_params import load_vae
 from edit_r1_jax.models.flux.params import load_transformer
 from edit_r1_jax.pipeline import ScheduleConfig
@@ -40,15 +41,21 @@ class KontextTask(Task):
         # grain random-access datasets: the group sampler picks row ids, grain decodes and crops those rows
         self.sources, self.rows = {}, {}
         for split in ("train", "test"):
-            self.sources[split], self.rows[split] = data_source.make_dataset(c.data.root, split, res)
+            self.sources[split], self.rows[split] = data_source.make_dataset(
+                c.data.root, split, res, allow_outside_root=bool(c.data.allow_outside_root),
+                on_duplicate=str(c.data.on_duplicate))
         self.num_train_rows = len(self.rows["train"])
         _, graphdef, self.base, self.lora_init = load_transformer(
             model_dir / "transformer", mesh=mesh, seed=int(c.seed), dtype=c.model.dtype,
             param_dtype=c.model.param_dtype, remat_policy=c.model.remat_policy,
             attention_impl=c.model.attention_impl or None, lora=lora_config(c))
-        self.vae = load_vae(model_dir / "vae", dtype=jnp.dtype(c.model.dtype))
-        self.vae_graph, vae_state = nnx.split(self.vae)
-        self.vae_state = jax.device_put(vae_state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        # Replicated on the mesh, each process filling its own devices from the file (a device_put of arrays
+        # committed to one device would be a cross-host transfer, which jax does not do).
+        vae_cfg = vae_params.config_from_dict(weights.read_config(model_dir / "vae"))
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        vae_sh = jax.tree.map(lambda _: replicated, vae_params.abstract_state(vae_cfg))
+        self.vae = load_vae(model_dir / "vae", dtype=jnp.dtype(c.model.dtype), shardings=vae_sh)
+        self.vae_graph, self.vae_state = nnx.split(self.vae)
         h = res // (self.vae.cfg.scale_factor * 2)
         self.grid = h
         tokens = h * h
@@ -74,7 +81,8 @@ class KontextTask(Task):
         if "mllm" in c.reward.weights:
             from edit_r1_jax.rewards.mllm import MLLMReward
 
-            mllm = MLLMReward(c.reward.mllm_dir, mesh=mesh, jpeg=bool(c.reward.jpeg_roundtrip))
+            mllm = MLLMReward(c.reward.mllm_dir, mesh=mesh, jpeg=bool(c.reward.jpeg_roundtrip),
+                              batch_size=int(c.reward.batch_size))
             reg.register("mllm", lambda b: mllm(b["source"], b["image"], b["prompt"], b["requirement"]))
         self.reward_fn = reg.combine(dict(c.reward.weights), c.reward.on_error)
 
@@ -98,10 +106,12 @@ class KontextTask(Task):
         return _decode(self.vae_graph, self.grid, self.vae_state, x0)
 
     def reward(self, rows, inputs, images, index, split: str = "train"):
+        """The global batch: ``images`` and ``inputs`` global arrays on the mesh (straight into the MLLM's
+        on-device preprocessing), ``rows`` all of its rows, so every process builds the same prompts."""
         items = [self.rows[split][int(r)] for r in rows]
-        batch = {"image": images, "source": (inputs["source"] + 1) / 2, "prompt": [r.prompt for r in items],
+        batch = {"image": images, "source": _to_unit(inputs["source"]), "prompt": [r.prompt for r in items],
                  "requirement": [r.requirement for r in items], "index": np.asarray(index)}
-        return self._score(batch)
+        return self._score(batch, rows, split)
 
     def caption(self, row, split: str = "train") -> str:
         return self.rows[split][int(row)].prompt
@@ -111,6 +121,11 @@ class KontextTask(Task):
 
     def eval_extra_metrics(self, rewards) -> dict[str, float]:
         return {}
+
+
+@jax.jit
+def _to_unit(source):
+    return (source + 1) / 2
 
 
 @functools.partial(jax.jit, static_argnums=0)

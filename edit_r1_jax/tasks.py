@@ -7,8 +7,10 @@ A task gives the loop:
   num_train_rows         rows the group sampler draws from (row id = group id)
   inputs(rows, split)    host arrays for this host's rows (source image, text embeddings)
   encode(inputs)         jitted: global inputs -> conditioning {"ref", "text", "pooled"}
-  decode(x0)             jitted: final latents -> images [B, H, W, 3] in [0, 1]
-  reward(rows, inputs, images, index, split) -> (total [b], per-reward {name: [b]}, valid [b])
+  decode(x0)             jitted: final latents -> images [B, H, W, 3] in [0, 1] (global, on the mesh)
+  reward(rows, inputs, images, index, split) -> (total [B], per-reward {name: [B]}, valid [B])
+                         on the GLOBAL batch: rows/index are all B rows (numpy, the same on every process),
+                         inputs/images the global arrays; the results are numpy, the same on every process
 Two tasks: "toy" (pixel-space shapes editing, CPU demo) and "kontext" (FLUX.1-Kontext with VAE, text cache and
 MLLM reward).
 """
@@ -19,14 +21,16 @@ import functools
 import logging
 import re
 from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from edit_r1_jax import engine, weights
+from edit_r1_jax import engine, runpath, weights
 from edit_r1_jax.data import toy
 from edit_r1_jax.diffusion import latents, schedule
 from edit_r1_jax.models import lora as lora_lib
@@ -73,11 +77,12 @@ class Task:
             if rows is None:
                 raise
             rows = [int(r) for r in np.asarray(rows)]
-            # the registry names the failing sample by its position in this batch
-            m = re.search(r"sample (\d+)", str(e))
-            where = (f"dataset row {rows[int(m.group(1))]} of the {split} split" if m and int(m.group(1)) < len(rows)
-                     else f"{split} split, dataset rows {rows} (by position in the batch)")
-            raise reward_registry.RewardError(f"{where}: {e}") from e
+            # the registry names the failing samples by their positions in this batch
+            pos = list(e.indices) if e.indices else [int(m) for m in re.findall(r"sample (\d+)", str(e))[:1]]
+            named = [rows[i] for i in pos if 0 <= i < len(rows)]
+            where = (f"dataset row{'s' if len(named) > 1 else ''} {', '.join(map(str, named))} of the {split} split"
+                     if named else f"{split} split, dataset rows {rows} (by position in the batch)")
+            raise reward_registry.RewardError(f"{where}: {e}", indices=e.indices, scores=e.scores) from e
         valid = info.pop("valid")
         info.pop("num_masked")
         return total, info, valid
@@ -119,20 +124,21 @@ class ToyTask(Task):
         self.lora_init = lora
         self.policy = engine.Policy(graphdef, latents.kontext_ids(self.res // 2, self.res // 2),
                                     latents.text_ids(int(t.text_length)), None, (tokens, 12))
-        self.base = self._warm_start(base, Path(run_dir) / "warm_base", writer)
+        self.base = self._warm_start(base, epath.Path(run_dir) / "warm_base", writer)
         self.sigmas_train = schedule.sigmas(int(c.sample.num_steps), tokens)
         self.sigmas_eval = schedule.sigmas(int(c.eval.num_steps), tokens)
         self.reward_fn = reward_registry.default_registry.combine(dict(c.reward.weights), c.reward.on_error)
 
     # -- supervised warm start ------------------------------------------------------------------------------
-    def _warm_start(self, base, path: Path, writer):
+    def _warm_start(self, base, path: epath.Path, writer):
         w = self.c.warmup
         if w.steps <= 0:
             return base
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), base)
         if (path / weights.PARAMS_FILE).exists():
             log.info("warm start: loading %s", path)
-            return weights.load_state(path, abstract, jax.tree.map(lambda s: s.sharding, abstract))
+            with runpath.local_file(path / weights.PARAMS_FILE) as local:
+                return weights.load_state(local, abstract, jax.tree.map(lambda s: s.sharding, abstract))
         log.info("warm start: %d steps of supervised flow matching (batch %d)", w.steps, w.batch_size)
         tx = _adam(float(w.learning_rate))
         opt = tx.init(base)
@@ -153,7 +159,7 @@ class ToyTask(Task):
         if jax.process_index() == 0:
             path.mkdir(parents=True, exist_ok=True)
             flat = weights.flat_per_layer(base)  # per-layer keys, like every converted checkpoint
-            weights.save_tensors(path / weights.PARAMS_FILE, flat)
+            runpath.save_safetensors(path / weights.PARAMS_FILE, flat)
         log.info("warm start: done, flow-matching loss %.4f; base cached in %s", float(loss), path)
         return base
 
@@ -178,8 +184,11 @@ class ToyTask(Task):
         return jnp.clip((latents.unpack(x0, self.res, self.res) + 1) / 2, 0, 1)
 
     def reward(self, rows, inputs, images, index, split: str = "train"):
+        # The verifier is host-side: the one place the decoded images are copied to the hosts (all of them,
+        # 16x16 pixels each; every host scores the global batch, so nothing is gathered afterwards).
         d = self._rows(split)
-        return self._score({"image": images * 2 - 1, "source": inputs["source"], "target": d["target"][rows]},
+        image, source = distributed.gather_global(images), distributed.gather_global(inputs["source"])
+        return self._score({"image": image * 2 - 1, "source": source, "target": d["target"][np.asarray(rows)]},
                            rows, split)
 
     def caption(self, row, split: str = "train") -> str:

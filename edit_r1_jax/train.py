@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -22,15 +23,17 @@ import jax.experimental.multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from edit_r1_jax import checkpoint as ckpt_lib
 from edit_r1_jax import config as config_lib
-from edit_r1_jax import engine, tasks, weights
+from edit_r1_jax import engine, runpath, tasks, weights
 from edit_r1_jax import metrics as metrics_lib
 from edit_r1_jax.data.groups import GroupSampler
+from edit_r1_jax.data.prefetch import Prefetcher
 from edit_r1_jax.models import lora as lora_lib
 from edit_r1_jax.nft import advantages as adv_lib
 from edit_r1_jax.nft import loss as nft_loss
@@ -63,8 +66,9 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
     distributed.initialize(c.distributed.coordinator, c.distributed.num_processes, c.distributed.process_id)
     mesh = mesh_lib.make_mesh(dict(c.mesh))
     sizes = config_lib.validate(c, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
-    run_dir = Path(c.run_dir)
-    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", c.checkpoint.max_to_keep)
+    run_dir = epath.Path(c.run_dir)  # local folder or bucket URL alike (gs://...): never a local Path
+    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", c.checkpoint.max_to_keep,
+                                 use_ocdbt=bool(c.checkpoint.use_ocdbt))
     # checkpoints are named by epochs done; an explicit restore_step continues from that one
     restore = int(c.checkpoint.restore_step)
     done_before = (restore if restore >= 0 else ckpt.latest_step()) if c.resume else None
@@ -255,7 +259,7 @@ def plan_line(c, mesh, done_before: int) -> str:
     if measured is None:
         expected = f"no measured time for task {c.task} on {backend}"
     else:
-        warm = c.task == "toy" and c.warmup.steps > 0 and not (Path(c.run_dir) / "warm_base").exists()
+        warm = c.task == "toy" and c.warmup.steps > 0 and not (epath.Path(c.run_dir) / "warm_base").exists()
         evals = (epochs // c.eval.every + 1) if c.eval.every > 0 else 0
         seconds = warm * measured["warm_start"] + epochs * measured["epoch"] + evals * measured["eval"]
         expected = f"expected ~{seconds / 60:.0f} min (estimate, measured on {measured['where']})"
@@ -270,37 +274,72 @@ def _count(n: int) -> str:
 
 def rollouts(c, task, mesh, sampler, state, epoch: int, sizes, timer) -> list[dict[str, Any]]:
     """The epoch's sampling batches (M rows x K repeats each), rolled out with theta_old in chunks of
-    ``sample.rollout_batch_size`` and scored. Each chunk is one entry; global order = gather order."""
+    ``sample.rollout_batch_size`` and scored. Each chunk is one entry; global order = gather order.
+
+    The devices are kept busy: the next chunk's inputs (image decoding, resizing, text lookup) are prepared in
+    a background thread while the current chunk rolls out, and chunk i+1's rollout is dispatched before chunk
+    i's rewards are read back (JAX dispatches asynchronously; only the reward read-back blocks). Decoded
+    images stay on the mesh for the reward; a host copy is made only for the sample grid.
+    """
     epoch_key = jax.random.fold_in(jax.random.key(c.seed + 1), epoch)
     chunk = c.sample.rollout_batch_size // jax.process_count()  # this host's share of one rollout call
-    batches = []
-    for i in range(c.sample.num_batches_per_epoch):
-        with timer("data"):
+    plan = []  # (this host's rows, their global sample indices) per rollout call
+    with timer("data"):
+        for i in range(c.sample.num_batches_per_epoch):
             draw = sampler.next_batch()  # group id = dataset row id (spec H.1, H.2)
             offset = epoch * sizes["samples_per_epoch"] + i * sizes["samples_per_batch"]
-        for start in range(0, len(draw.row_ids), chunk):
-            rows = draw.row_ids[start:start + chunk]
-            local_index = offset + draw.slot_ids[start:start + chunk]  # global sample index (spec H.15)
-            with timer("data"):
-                inputs = task.inputs(rows)
+            for start in range(0, len(draw.row_ids), chunk):
+                plan.append((draw.row_ids[start:start + chunk], offset + draw.slot_ids[start:start + chunk]))
+    grid = c.log.image_every > 0 and (epoch + 1) % c.log.image_every == 0  # named by epochs done
+    batches, pending = [], None
+    with Prefetcher(task.inputs, [rows for rows, _ in plan]) as prefetched:
+        for k, (rows, local_index) in enumerate(plan):
+            with timer("data"):  # only the wait for the background thread: the host-side stall
+                inputs = next(prefetched)
             with timer("rollout"):
-                cond = task.encode(distributed.to_global(mesh, inputs))
+                g_inputs = distributed.to_global(mesh, inputs)
+                cond = task.encode(g_inputs)
                 gidx = distributed.to_global(mesh, local_index)
                 x0 = engine.sample(task.policy, task.base, state["theta_old"], cond, epoch_key, gidx,
                                    task.sigmas_train, c.sample.solver, float(c.sample.eta))
-                images = distributed.to_local(task.decode(x0))
-            with timer("reward"):
-                rewards, per_reward, valid = task.reward(rows, inputs, images, local_index)
-            batches.append(dict(local_rows=rows, x0=x0, cond=cond, index=gidx, images=images, inputs=inputs,
-                                rewards=rewards, valid=valid, per_reward=per_reward))
+                if c.log.sync_phase_times:
+                    jax.block_until_ready(x0)
+            with timer("decode"):
+                images = task.decode(x0)  # stays on the mesh
+                if c.log.sync_phase_times:
+                    jax.block_until_ready(images)
+            if pending is not None:  # chunk k is dispatched: now read back chunk k-1's rewards
+                batches.append(_score_chunk(task, pending, timer))
+            pending = dict(local_rows=rows, local_index=local_index, x0=x0, cond=cond, index=gidx,
+                           images=images, g_inputs=g_inputs, inputs=inputs, grid=grid and k == 0)
+        if pending is not None:
+            batches.append(_score_chunk(task, pending, timer))
     return batches
 
 
+def _score_chunk(task, p, timer, split: str = "train") -> dict[str, Any]:
+    """Reward of one rollout call on the global batch (every process the same program); per-sample results come
+    back to every host once. ``rewards``/``valid``/``per_reward`` are this host's share (grid captions pair
+    with ``local_rows``); the ``*_all`` entries are the global batch for the advantages."""
+    with timer("reward"):
+        rows = distributed.gather(p["local_rows"])
+        index = distributed.gather(p["local_index"])
+        total, per_reward, valid = task.reward(rows, p["g_inputs"], p["images"], index, split)
+    host = distributed.host_slice(len(rows))
+    images = distributed.to_local(p["images"]) if p["grid"] else None  # host copy for the grid only
+    return dict(local_rows=p["local_rows"], x0=p["x0"], cond=p["cond"], index=p["index"], images=images,
+                inputs=p["inputs"], rows_all=rows, rewards_all=np.asarray(total), valid_all=np.asarray(valid),
+                per_reward_all={k: np.asarray(v) for k, v in per_reward.items()},
+                rewards=np.asarray(total)[host], valid=np.asarray(valid)[host],
+                per_reward={k: np.asarray(v)[host] for k, v in per_reward.items()})
+
+
 def advantages(c, batches, sampler):
-    """Group advantages over the whole epoch; every host computes the same from the same gathered arrays."""
-    rows = np.concatenate([distributed.gather(b["local_rows"]) for b in batches])
-    rewards = np.concatenate([distributed.gather(b["rewards"]) for b in batches])
-    valid = np.concatenate([distributed.gather(b["valid"]) for b in batches])
+    """Group advantages over the whole epoch; every host computes the same from the same global arrays (the
+    rewards were gathered once per rollout call in ``_score_chunk``)."""
+    rows = np.concatenate([b["rows_all"] for b in batches])
+    rewards = np.concatenate([b["rewards_all"] for b in batches])
+    valid = np.concatenate([b["valid_all"] for b in batches])
     adv = adv_lib.compute_advantages(rewards, rows, global_std=bool(c.train.global_std),
                                      adv_clip_max=float(c.train.adv_clip_max), adv_mode=str(c.train.adv_mode),
                                      valid=valid)
@@ -313,8 +352,8 @@ def advantages(c, batches, sampler):
                **adv_lib.reward_stats(rewards, rows, valid), "banned_rows": len(sampler.banned),
                "filtered_groups": filt.filtered_groups, "masked_fraction": float(1 - np.mean(filt.mask)),
                "invalid_rewards": int((~valid).sum())}
-    for name in batches[0]["per_reward"]:
-        values = np.concatenate([distributed.gather(b["per_reward"][name]) for b in batches])
+    for name in batches[0]["per_reward_all"]:
+        values = np.concatenate([b["per_reward_all"][name] for b in batches])
         metrics[f"reward/{name}"] = float(np.nanmean(values))
         metrics[f"reward/{name}_std"] = float(np.nanstd(values))
     return adv, filt, metrics
@@ -366,8 +405,8 @@ def check_finite(epoch: int, step: int, metrics: dict[str, Any], theta) -> None:
             raise NonFiniteError(f"{where}: {name} is {float(metrics[name])}; stopped before saving (the last "
                                  f"checkpoint is untouched). Check train.learning_rate, train.max_grad_norm and "
                                  f"the rewards.")
-    flags = jax.device_get(_finite_leaves(theta))
-    for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0]:
+    finite = jax.device_get(_finite_leaves(theta))
+    for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]:
         if not ok:
             names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
             leaf = ".".join(n for n in names if n != "value")  # nnx.Variable's own attribute, not a module
@@ -376,15 +415,17 @@ def check_finite(epoch: int, step: int, metrics: dict[str, Any], theta) -> None:
                                  f"train.learning_rate and train.max_grad_norm.")
 
 
-def export_lora(c, path: Path, lora) -> None:
+def export_lora(c, path, lora) -> None:
     """The EMA LoRA (the evaluation policy, spec B.7) in our flat layout, ready for
-    ``python -m tools.convert_weights export-lora --src PATH --dst FILE`` and ``edit --lora PATH``."""
+    ``python -m tools.convert_weights export-lora --src PATH --dst FILE`` and ``edit --lora PATH``.
+    Every process takes part in the gather; process 0 writes, through epath (``path`` may be a bucket URL)."""
     flat = {k: np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True))
             for k, v in lora_lib.lora_to_flat(lora).items()}
     if jax.process_index() != 0:
         return
+    path = epath.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights.save_tensors(path / "lora.safetensors", flat)
+    runpath.save_safetensors(path / "lora.safetensors", flat)
     (path / "config.json").write_text(json.dumps(
         {"lora": {"rank": int(c.lora.rank), "alpha": float(c.lora.alpha), "targets": list(c.lora.targets)}}))
 
@@ -393,28 +434,40 @@ def evaluate(c, task, state, epoch: int, writer) -> dict[str, float]:
     """EMA policy, eval.solver (Euler ODE) over eval.num_steps, fixed noise per held-out row.
 
     Every held-out row is scored exactly once (no padding by repetition, spec H.12), and the grid's captions,
-    images and scores come from the same samples.
+    images and scores come from the same samples. Any number of rows runs on any device count: a batch whose
+    size the batch shards (and processes) do not divide is padded with copies of its last row, whose samples
+    are computed and dropped (masked) before anything is averaged.
     """
     rows = task.eval_rows(c.eval.num_samples)
     key = jax.random.key(c.seed + 2)
+    shards = math.lcm(task.mesh.shape["data"] * task.mesh.shape["fsdp"], jax.process_count())
     rewards = []
     for start in range(0, len(rows), c.eval.batch_size):
-        batch_rows = rows[start:start + c.eval.batch_size]
-        local = distributed.host_slice(len(batch_rows))
-        local_index = np.arange(start, start + len(batch_rows))[local]
-        inputs = task.inputs(batch_rows[local], split="test")
-        cond = task.encode(distributed.to_global(task.mesh, inputs))
-        gidx = distributed.to_global(task.mesh, local_index)
+        real = rows[start:start + c.eval.batch_size]
+        size = math.ceil(len(real) / shards) * shards
+        padded = np.concatenate([real, np.repeat(real[-1:], size - len(real))])
+        is_real = np.arange(size) < len(real)
+        local = distributed.host_slice(size)
+        global_index = np.arange(start, start + size)  # a padded sample's index is never a real row's in-batch
+        inputs = task.inputs(padded[local], split="test")
+        g_inputs = distributed.to_global(task.mesh, inputs)
+        cond = task.encode(g_inputs)
+        gidx = distributed.to_global(task.mesh, global_index[local])
         x0 = engine.sample(task.policy, task.base, state["ema"], cond, key, gidx, task.sigmas_eval,
                            c.eval.solver, 0.0)
-        images = distributed.to_local(task.decode(x0))
-        r, _, valid = task.reward(batch_rows[local], inputs, images, local_index, split="test")
-        rewards.append(distributed.gather(np.where(valid, r, np.nan)))
+        images = task.decode(x0)
+        r, _, valid = task.reward(padded, g_inputs, images, global_index, split="test")
+        r = np.where(np.asarray(valid), np.asarray(r), np.nan)
+        rewards.append(r[is_real])
         if start == 0 and c.log.image_every > 0 and epoch % c.log.image_every == 0:
-            n = min(c.log.num_images, len(r))
-            writer.image_grid("eval", epoch, task.source_images(inputs)[:n], images[:n], r[:n],
-                              [task.caption(x, "test") for x in batch_rows[local][:n]])
+            keep = is_real[local]
+            n = min(c.log.num_images, int(keep.sum()))
+            host_images = distributed.to_local(images)[keep]
+            writer.image_grid("eval", epoch, task.source_images(inputs)[keep][:n], host_images[:n],
+                              r[local][keep][:n], [task.caption(x, "test") for x in padded[local][keep][:n]])
     all_r = np.concatenate(rewards)
+    if len(all_r) != len(rows):
+        raise AssertionError(f"evaluation scored {len(all_r)} samples for {len(rows)} rows")
     metrics = {"eval/reward_mean": float(np.nanmean(all_r)), **task.eval_extra_metrics(all_r)}
     writer.write(epoch, metrics)  # the run's one counter: epochs done
     log.info("eval at epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
@@ -451,7 +504,7 @@ def dry_run(c) -> dict[str, Any]:
     report["epochs"] = int(c.num_epochs)
     report["optimizer_steps"] = int(c.num_epochs) * int(c.train.steps_per_epoch)
     report["images_sampled"] = int(c.num_epochs) * sizes["samples_per_epoch"]
-    ckpt_dir = Path(c.run_dir) / "checkpoints"
+    ckpt_dir = epath.Path(c.run_dir) / "checkpoints"
     ckpt = ckpt_lib.Checkpointer(ckpt_dir, c.checkpoint.max_to_keep) if ckpt_dir.is_dir() else None
     steps = ckpt.all_steps() if ckpt is not None else []
     report["checkpoint_steps"] = steps
@@ -514,7 +567,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run table: held-out metrics first/last evaluation, time per phase, where the files are."""
     if "finished_before" in summary:
         return summary["finished_before"]
-    run_dir = Path(summary["run_dir"])
+    run_dir = epath.Path(summary["run_dir"])
     first, last = summary["epochs"]
     lines = [f"trained epochs {first} -> {last} of {summary['num_epochs']} in {summary['wall_s'] / 60:.1f} min"]
     evals = summary["eval"]

@@ -2,6 +2,7 @@
 
 import jax
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import kontext_mllm, toy
@@ -32,8 +33,9 @@ def test_partition_spec_rules():
     assert rules.partition_spec(("batch", "length", "act_embed"), (16, 7, 64), m) == P(("data", "fsdp"), None, None)
     # a mesh axis is used once: the second "embed" stays whole
     assert rules.partition_spec(("embed", "embed"), (64, 64), m) == P("fsdp", None)
-    # a dimension the mesh axes do not divide is replicated rather than failing at device_put
+    # an activation dimension the mesh axes do not divide is replicated (a batch of 1 is legitimate) ...
     assert rules.partition_spec(("embed", "heads"), (6, 64), m) == P(None, "tensor")
+    # ... a parameter's is an error naming parameter, shape and axes (tests below)
     with pytest.raises(KeyError, match="no sharding rule"):
         rules.partition_spec(("nonsense",))
     with pytest.raises(ValueError, match="do not match parameter"):
@@ -76,3 +78,46 @@ def test_validate_names_every_bad_field():
         config_lib.validate(c)
     with pytest.raises(ValueError, match="unknown variant"):
         kontext_mllm.get_config("nope")
+
+
+class _Proj(nnx.Module):
+    def __init__(self):
+        self.kernel = rules.param(jax.numpy.zeros((6, 64)), ("embed", "heads"))
+
+
+class _Tiny(nnx.Module):
+    def __init__(self):
+        self.proj = _Proj()
+
+
+def test_parameter_that_does_not_divide_raises_unless_allowed(caplog):
+    state = nnx.state(_Tiny())
+    with pytest.raises(rules.PlacementError) as e:
+        rules.state_shardings(state, _FakeMesh())
+    msg = str(e.value)
+    assert "'proj.kernel'" in msg and "(6, 64)" in msg and "('fsdp',)" in msg and "size 4" in msg
+    assert "mesh.allow_replicated_fallback" in msg
+    try:
+        rules.set_allow_replicated_fallback(True)
+        with caplog.at_level("WARNING", logger="edit_r1_jax.parallel.rules"):
+            assert rules.partition_spec(("embed", "heads"), (6, 64), _FakeMesh(), name="proj.kernel") == P(
+                None, "tensor")
+        assert any(r.levelname == "WARNING" and "'proj.kernel'" in r.getMessage() for r in caplog.records)
+    finally:
+        rules.set_allow_replicated_fallback(False)
+
+
+def test_mesh_layout_failure_raises_unless_allowed(monkeypatch, caplog):
+    # create_device_mesh never fails for CPU devices; on TPU it raises ValueError for a shape the torus cannot
+    # hold. Stand in for that jax-side failure (our fallback logic is what is tested, not jax's).
+    def torus_refuses(sizes, devices=None, **kw):
+        raise ValueError(f"cannot lay out {sizes} on the physical torus")
+
+    monkeypatch.setattr(mesh_lib.mesh_utils, "create_device_mesh", torus_refuses)
+    with pytest.raises(mesh_lib.MeshError, match=r"mesh \{'data': 1, 'fsdp': 1, 'tensor': 1\}.*physical torus"):
+        mesh_lib.make_mesh({"data": -1})
+    with caplog.at_level("WARNING", logger="edit_r1_jax.parallel.mesh"):
+        m = mesh_lib.make_mesh({"data": -1, "allow_replicated_fallback": True})
+    assert m.shape["data"] == jax.device_count()
+    assert any("device order as listed" in r.getMessage() for r in caplog.records)
+    rules.set_allow_replicated_fallback(False)  # make_mesh set it process-wide; later tests expect the default

@@ -184,3 +184,21 @@ def test_images_matter_and_bf16_is_close(setup):
     half = MLLMReward(root / "jax", dtype=jnp.bfloat16, pad_to_multiple=64)
     # bf16 parameters and activations (float32 norms, RoPE, softmax) on a random tiny model: 0.02 on a score.
     np.testing.assert_allclose(half(sources, edited, ["a", "a"]), a, atol=2e-2)
+
+
+def test_micro_batches_and_length_buckets(setup):
+    """reward.batch_size: 3 pairs in micro-batches of 2 (the last one padded with a repeat, dropped) score as one
+    batch of 3; lengths are bucketed (at most 8 buckets per octave)."""
+    from edit_r1_jax.rewards import registry
+    from edit_r1_jax.rewards.mllm import bucket_length
+
+    _, reward, root = setup
+    sources, edited = _images(7, 3, 60, 90), _images(8, 3, 56, 56)
+    ins = ["a", "make the sky a deep red", "b"]
+    whole = reward(sources, edited, ins)
+    micro = MLLMReward(root / "jax", dtype=jnp.float32, pad_to_multiple=64, model=reward.model, batch_size=2)
+    # float32 at highest precision, padding rows masked: micro-batching changes nothing beyond rounding
+    np.testing.assert_allclose(micro(sources, edited, ins), whole, atol=1e-6)
+    assert [bucket_length(n) for n in (1, 64, 65, 300, 513, 1000, 1025)] == [64, 64, 128, 320, 576, 1024, 1152]
+    assert len({bucket_length(n) for n in range(1025, 2049)}) == 8
+    assert registry.RewardError is RewardError  # one error type for the whole package

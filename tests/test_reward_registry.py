@@ -61,3 +61,40 @@ def test_registry_errors():
     with pytest.raises(KeyError, match="unknown reward 'zzz'"):
         reg.combine({"zzz": 1.0})
     assert "toy_edit" in registry.default_registry.names()
+
+
+def test_reward_error_is_not_rerun_per_sample():
+    """A RewardError names its samples: "raise" re-raises it after one call; "mask" masks its indices with its
+    scores after one call; only an error without indices is retried sample by sample (1 + n calls)."""
+    calls = []
+
+    def knows(b):
+        calls.append(len(b["x"]))
+        x = np.asarray(b["x"], float)
+        raise registry.RewardError("samples [1]: non-finite logits", indices=[1], scores=x)
+
+    def unsure(b):
+        calls.append(len(b["x"]))
+        if len(b["x"]) > 1 or list(b["idx"]) == [2]:
+            raise registry.RewardError("something failed somewhere")
+        return np.asarray(b["x"], float)
+
+    reg = registry.Registry()
+    reg.register("knows", knows)
+    reg.register("unsure", unsure)
+    with pytest.raises(registry.RewardError, match="samples \\[1\\]"):
+        reg.combine({"knows": 1.0})(BATCH)
+    assert calls == [4]
+    calls.clear()
+    total, info = reg.combine({"knows": 1.0}, on_error="mask")(BATCH)
+    assert calls == [4]
+    np.testing.assert_array_equal(info["valid"], [True, False, True, True])
+    np.testing.assert_allclose(total[[0, 2, 3]], BATCH["x"][[0, 2, 3]])
+    calls.clear()
+    with pytest.raises(registry.RewardError, match="something failed"):
+        reg.combine({"unsure": 1.0})(BATCH)
+    assert calls == [4]
+    calls.clear()
+    total, info = reg.combine({"unsure": 1.0}, on_error="mask")(BATCH)
+    assert calls == [4, 1, 1, 1, 1]
+    np.testing.assert_array_equal(info["valid"], [True, True, False, True])

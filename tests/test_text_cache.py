@@ -76,14 +76,30 @@ def test_build_lookup_update_and_stale(tmp_path, model_dir):
     np.testing.assert_array_equal(cache2.lookup(prompts)[0], e)
     np.testing.assert_array_equal(cache2.lookup(["add a hat"])[1], enc.encode(["add a hat"])[1])
 
-    # a changed encoder (weights file rewritten -> new mtime) is detected
-    params = model_dir / "text_encoder" / "params.safetensors"
-    st = params.stat()
-    os.utime(params, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    # a copy of dataset + model (every file gets a new mtime, as a bucket sync to a worker does) stays valid
+    import shutil
+
+    data_copy, model_copy = tmp_path / "data_copy", tmp_path / "model_copy"
+    shutil.copytree(data, data_copy, copy_function=shutil.copy)  # copy: contents only, fresh mtimes
+    shutil.copytree(model_dir, model_copy, copy_function=shutil.copy)
+    for f in list(data_copy.rglob("*")) + list(model_copy.rglob("*")):
+        os.utime(f, ns=(0, 10**18))
+    copied = TextCache(data_copy, "train", model_dir=model_copy)
+    assert copied.fingerprint == cache2.fingerprint
+    np.testing.assert_array_equal(copied.lookup(prompts)[0], e)
+
+    # a changed encoder (one weight of the copy changed, same size and header) is detected
+    params = model_copy / "text_encoder" / "params.safetensors"
+    raw = bytearray(params.read_bytes())
+    raw[-3] ^= 0xFF  # inside the last tensor's data: the last sampled block covers the file's tail
+    params.write_bytes(bytes(raw))
     with pytest.raises(StaleCacheError):
-        TextCache(data, "train", model_dir=model_dir)
-    assert main(args) == 0  # rebuilt
-    assert TextCache(data, "train", model_dir=model_dir).fingerprint != cache.fingerprint
+        TextCache(data_copy, "train", model_dir=model_copy)
+    assert main(["--model", str(model_copy), "--data", str(data_copy), "--t5-length", str(T5_LENGTH)]) == 0
+    assert TextCache(data_copy, "train", model_dir=model_copy).fingerprint != cache2.fingerprint
+    # a changed instruction is a missing key, not a stale cache
+    with pytest.raises(KeyError, match="not in text cache"):
+        TextCache(data_copy, "train", model_dir=model_copy).lookup(["make the sky red!"])
 
 
 def test_missing_cache(tmp_path):

@@ -90,6 +90,14 @@ def gather(local: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
 
+def gather_global(x) -> np.ndarray:
+    """A global array (any sharding, possibly spanning other processes' devices) -> the whole array as numpy on
+    every host. Use once per result, for small per-sample values or where a host-side consumer needs it."""
+    if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def replicate(mesh, tree):
     """Put a host pytree on every device of ``mesh`` unsharded (same values on every host)."""
     return jax.device_put(tree, NamedSharding(mesh, jax.sharding.PartitionSpec()))

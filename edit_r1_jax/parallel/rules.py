@@ -42,6 +42,19 @@ DEFAULT_RULES: Rules = (
 
 _rules: Rules = DEFAULT_RULES
 
+# A parameter whose dimension does not divide its mesh axes raises (PlacementError) unless this is set, from
+# config ``mesh.allow_replicated_fallback``: replicating a 12B model silently ends in a confusing OOM later.
+_allow_replicated_fallback = False
+
+
+class PlacementError(ValueError):
+    """A parameter cannot be placed as its logical axes ask (the message names parameter, shape and axes)."""
+
+
+def set_allow_replicated_fallback(allow: bool) -> None:
+    global _allow_replicated_fallback
+    _allow_replicated_fallback = bool(allow)
+
 
 def set_rules(rules: Rules) -> None:
     """Replace the global rules (from config, once at start-up)."""
@@ -73,18 +86,22 @@ def _mesh_axes_for(name: str | None, rules: Rules) -> tuple[str, ...]:
 
 
 def partition_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None,
-                   rules: Rules | None = None) -> PartitionSpec:
+                   rules: Rules | None = None, name: str | None = None) -> PartitionSpec:
     """PartitionSpec for logical ``axes``.
 
     A mesh axis is used at most once (first dimension wins). When ``shape`` and ``mesh`` are given, mesh axes
-    of size 1 are dropped and a dimension that the mesh axes do not divide is replicated (logged once per
-    shape, at INFO, since it is a deliberate layout decision rather than an error).
+    of size 1 are dropped. A dimension that the mesh axes do not divide:
+    * of a parameter (``name`` given, as ``state_shardings`` does): raises :class:`PlacementError` naming the
+      parameter, its shape and the axes, unless ``set_allow_replicated_fallback(True)`` (config
+      ``mesh.allow_replicated_fallback``), which replicates it with a WARNING;
+    * of an activation (``name`` None, ``constrain``): replicated along it, logged once at INFO (a batch of 1
+      or an odd sequence length is a legitimate layout, not a misconfiguration).
     """
     rules = _rules if rules is None else rules
     used: set[str] = set()
     spec = []
-    for d, name in enumerate(axes):
-        mesh_axes = tuple(a for a in _mesh_axes_for(name, rules) if a not in used)
+    for d, axis_name in enumerate(axes):
+        mesh_axes = tuple(a for a in _mesh_axes_for(axis_name, rules) if a not in used)
         if mesh is not None:
             mesh_axes = tuple(a for a in mesh_axes if a in mesh.shape and mesh.shape[a] > 1)
             if shape is not None and mesh_axes:
@@ -92,8 +109,17 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int] | None = Non
                 for a in mesh_axes:
                     size *= mesh.shape[a]
                 if shape[d] % size:
-                    _log_once(f"dim {d} of shape {tuple(shape)} ({name}) not divisible by mesh axes "
-                              f"{mesh_axes} (size {size}); replicated along it")
+                    what = (f"dim {d} of shape {tuple(shape)} (logical axis {axis_name!r}, logical axes "
+                            f"{tuple(axes)}) is not divisible by mesh axes {mesh_axes} (size {size})")
+                    if name is not None and not _allow_replicated_fallback:
+                        raise PlacementError(
+                            f"parameter {name!r}: {what}; choose a mesh whose axes divide it, or set "
+                            f"mesh.allow_replicated_fallback=True to replicate it along that dimension")
+                    if name is not None:
+                        _log_once(f"parameter {name!r}: {what}; replicated along it "
+                                  f"(mesh.allow_replicated_fallback=True)", logging.WARNING)
+                    else:
+                        _log_once(f"activation {what}; replicated along it")
                     mesh_axes = ()
         used.update(mesh_axes)
         spec.append(None if not mesh_axes else (mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes))
@@ -103,10 +129,10 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int] | None = Non
 _logged: set[str] = set()
 
 
-def _log_once(msg: str) -> None:
+def _log_once(msg: str, level: int = logging.INFO) -> None:
     if msg not in _logged:
         _logged.add(msg)
-        log.info(msg)
+        log.log(level, msg)
 
 
 def _var_axes(v: nnx.Variable) -> tuple | None:
@@ -114,17 +140,21 @@ def _var_axes(v: nnx.Variable) -> tuple | None:
 
 
 def state_shardings(state: Any, mesh, rules: Rules | None = None) -> Any:
-    """NamedSharding pytree matching ``state`` (an nnx.State or a pytree of Variables)."""
+    """NamedSharding pytree matching ``state`` (an nnx.State or a pytree of Variables).
 
-    def one(v):
+    Raises :class:`PlacementError` for a parameter dimension its mesh axes do not divide (see
+    ``partition_spec``)."""
+
+    def one(path, v):
         if isinstance(v, nnx.Variable):
             axes = _var_axes(v)
             shape = v.get_value().shape
-            spec = PartitionSpec() if axes is None else partition_spec(axes, shape, mesh, rules)
+            name = ".".join(str(getattr(p, "key", p)) for p in path)
+            spec = PartitionSpec() if axes is None else partition_spec(axes, shape, mesh, rules, name=name)
             return v.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, PartitionSpec())
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_model(model: nnx.Module, mesh, rules: Rules | None = None) -> None:

@@ -7,6 +7,13 @@ Differences from the reference server, on purpose: batched (left padding; a pair
 its neighbours), jitted, sharded over a mesh, the image preprocessing runs on device (bit-exact with PIL, see
 ``processor.preprocess_device``), JPEG q75 round trip is an option (off by default), and failures raise with
 the sample index instead of scoring 0.
+
+On a mesh (one or many processes) the images are global arrays (the VAE decoder's output stays on the mesh);
+the prompts are the whole global batch on every process, so every process builds the same token ids and the
+same padded length and runs the same compiled program. The batch runs in micro-batches of ``batch_size``
+(rounded up to the batch shards); the sequence length is padded to a bucket (:func:`bucket_length`: at most 8
+buckets per octave of lengths, so a run compiles a handful of programs, not one per length). Scores come back
+as one global array, gathered to the hosts once per call.
 """
 
 from __future__ import annotations
@@ -27,15 +34,23 @@ from edit_r1_jax.models.qwen2_5_vl import params as qparams
 from edit_r1_jax.models.qwen2_5_vl.model import Qwen2_5_VL, get_rope_index
 from edit_r1_jax.models.qwen2_5_vl.processor import (ImageProcessorConfig, PromptBuilder, grid_for, jpeg_roundtrip,
                                                      load_tokenizer, preprocess_device, to_uint8)
-from edit_r1_jax.parallel import rules
+from edit_r1_jax.parallel import distributed, rules
+from edit_r1_jax.rewards.registry import RewardError
 
 log = logging.getLogger(__name__)
 
 DIGITS = tuple(str(k) for k in range(6))
 
+__all__ = ["RewardError", "MLLMReward", "bucket_length", "digit_token_ids", "expected_score"]
 
-class RewardError(RuntimeError):
-    """A sample could not be scored; the message names its index."""
+
+def bucket_length(n: int, multiple: int = 64) -> int:
+    """Padded sequence length for ``n`` tokens: a multiple of ``multiple`` and of 1/8 of the octave that holds
+    ``n`` (so padding wastes at most ~12.5% and lengths within one octave share at most 8 programs)."""
+    if n <= 0:
+        raise ValueError(f"sequence length must be positive, got {n}")
+    step = max(int(multiple), 2 ** max(0, math.ceil(math.log2(n)) - 4))  # octave (2^(k-1), 2^k] in 8 steps
+    return math.ceil(n / step) * step
 
 
 def digit_token_ids(tokenizer) -> tuple[int, ...]:
@@ -70,7 +85,7 @@ class MLLMReward:
 
     def __init__(self, model_dir: str | Path, *, mesh=None, dtype=jnp.bfloat16, param_dtype=None,
                  jpeg: bool = False, jpeg_quality: int = 75, padding_side: str = "left", pad_to_multiple: int = 64,
-                 model: Qwen2_5_VL | None = None):
+                 model: Qwen2_5_VL | None = None, batch_size: int | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.model_dir = Path(model_dir)
@@ -78,6 +93,9 @@ class MLLMReward:
         self.jpeg, self.jpeg_quality = jpeg, jpeg_quality
         self.padding_side = padding_side
         self.pad_to_multiple = pad_to_multiple
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"reward batch_size must be >= 1 or None, got {batch_size}")
+        self.batch_size = None if batch_size is None else int(batch_size)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.prompts = PromptBuilder(self.tokenizer)
         self.digit_ids = digit_token_ids(self.tokenizer)
@@ -143,6 +161,9 @@ class MLLMReward:
 
     # ------------------------------------------------------------------------------------------------------
     def _jpeg(self, images):
+        # JPEG is host-only: a global array is gathered to every host here (the one host copy this path needs).
+        if isinstance(images, jax.Array):
+            images = distributed.gather_global(images)
         out = []
         for i in range(len(images)):
             u8 = to_uint8(np.asarray(jax.device_get(images[i])))
@@ -155,6 +176,8 @@ class MLLMReward:
         return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
 
     def _score_group(self, src, edt, instructions, requirements, index):
+        """Score one same-size group: ``src``/``edt`` [n, H, W, 3] (numpy, or global arrays on the mesh);
+        ``instructions``/``requirements``: all n rows (the same on every process)."""
         n = len(index)
         for name, imgs in (("source", src), ("edited", edt)):
             if imgs.shape[-1] != 3:
@@ -167,49 +190,69 @@ class MLLMReward:
                 seqs.append(self.prompts(instructions[j], requirements[j], [grid_s, grid_e],
                                          self.image_cfg.merge_size))
             except Exception as e:  # noqa: BLE001 - re-raised naming the sample
-                raise RewardError(f"sample {i}: cannot build the prompt: {e}") from e
-        # Pad the batch to a multiple of the batch shards (repeat the last pair; dropped afterwards) and the
-        # length to a multiple of pad_to_multiple (fewer recompilations).
-        Bp = math.ceil(n / self._batch_multiple()) * self._batch_multiple()
-        rows = seqs + [seqs[-1]] * (Bp - n)
-        L = math.ceil(max(map(len, rows)) / self.pad_to_multiple) * self.pad_to_multiple
-        ids = np.full((Bp, L), self.pad_id, np.int32)
-        mask = np.zeros((Bp, L), np.int32)
-        for r, s in enumerate(rows):
-            if self.padding_side == "left":
-                ids[r, L - len(s):], mask[r, L - len(s):] = s, 1
-            else:
-                ids[r, :len(s)], mask[r, :len(s)] = s, 1
-        last = mask.sum(1) - 1
-        pos = get_rope_index(ids, mask, [g for _ in rows for g in (grid_s, grid_e)],
-                             image_token_id=self.model.config.image_token_id,
-                             spatial_merge_size=self.model.config.vision_config.spatial_merge_size)
-        if Bp != n:
-            pad = Bp - n
-            src = jnp.concatenate([jnp.asarray(src), jnp.repeat(jnp.asarray(src[-1:]), pad, 0)])
-            edt = jnp.concatenate([jnp.asarray(edt), jnp.repeat(jnp.asarray(edt[-1:]), pad, 0)])
-        args = (ids, mask, pos.astype(np.int32), last.astype(np.int32), src, edt)
+                raise RewardError(f"sample {i}: cannot build the prompt: {e}", indices=[i]) from e
+        # Micro-batches of batch_size rounded up to the batch shards; the last one repeats its last pair
+        # (dropped afterwards), so every call has the same batch shape.
+        shards = self._batch_multiple()
+        mb = n if self.batch_size is None else min(n, self.batch_size)
+        mb = math.ceil(mb / shards) * shards
+        src, edt = self._on_mesh(src), self._on_mesh(edt)
         fn = self._fn(grid_s, grid_e)
-        if self.mesh is not None:
-            args = self._shard_inputs(args)
-            with jax.set_mesh(self.mesh):
-                out = fn(self.state, *args)
-        else:
-            out = fn(self.state, *args)
-        scores, probs, ok = (np.asarray(jax.device_get(x)) for x in out)
+        outs = []
+        for start in range(0, n, mb):
+            take = np.minimum(np.arange(start, start + mb), n - 1).astype(np.int32)
+            rows = [seqs[j] for j in take]
+            L = bucket_length(max(map(len, rows)), self.pad_to_multiple)
+            ids = np.full((mb, L), self.pad_id, np.int32)
+            mask = np.zeros((mb, L), np.int32)
+            for r, q in enumerate(rows):
+                if self.padding_side == "left":
+                    ids[r, L - len(q):], mask[r, L - len(q):] = q, 1
+                else:
+                    ids[r, :len(q)], mask[r, :len(q)] = q, 1
+            last = mask.sum(1) - 1
+            pos = get_rope_index(ids, mask, [g for _ in rows for g in (grid_s, grid_e)],
+                                 image_token_id=self.model.config.image_token_id,
+                                 spatial_merge_size=self.model.config.vision_config.spatial_merge_size)
+            args = (ids, mask, pos.astype(np.int32), last.astype(np.int32), take)
+            if self.mesh is not None:
+                args = self._shard_inputs(args)
+                with jax.set_mesh(self.mesh):
+                    outs.append(fn(self.state, *args, src, edt))
+            else:
+                outs.append(fn(self.state, *args, src, edt))
+        # One read-back per call: the micro-batches' scores stay on device until here.
+        joined = outs[0] if len(outs) == 1 else tuple(jnp.concatenate(xs) for xs in zip(*outs))
+        scores, probs, ok = (distributed.gather_global(x) for x in joined)
         bad = [index[j] for j in range(n) if not ok[j]]
         if bad:
-            raise RewardError(f"samples {bad}: non-finite images or logits (images must be finite floats in [0, 1])")
+            raise RewardError(f"samples {bad}: non-finite images or logits (images must be finite floats in [0, 1])",
+                              indices=bad, scores=scores[:n] if list(index) == list(range(n)) else None)
         return scores[:n].astype(np.float32), probs[:n].astype(np.float32)
 
+    def _on_mesh(self, images):
+        """Host images -> a batch-sharded global array (one process: device_put); global arrays unchanged."""
+        if self.mesh is None or isinstance(images, jax.Array):
+            return images
+        if jax.process_count() > 1:
+            raise ValueError("in a multi-process run the reward takes global arrays on the mesh (the decoder's "
+                             "output), not host images")
+        a = np.asarray(images)
+        spec = rules.partition_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, self.mesh)
+        return jax.device_put(a, NamedSharding(self.mesh, spec))
+
     def _shard_inputs(self, args):
+        """Host arrays that are the same on every process -> global arrays; each process fills its own shards
+        (no cross-process transfer or equality check)."""
         out = []
         for k, a in enumerate(args):
             if k == 2:  # position ids [3, B, L]
                 spec = rules.partition_spec((None, "batch", None), a.shape, self.mesh)
+            elif k == 4:  # row indices into the image batch: replicated
+                spec = jax.sharding.PartitionSpec()
             else:
                 spec = rules.partition_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, self.mesh)
-            out.append(jax.device_put(a, NamedSharding(self.mesh, spec)))
+            out.append(jax.make_array_from_callback(a.shape, NamedSharding(self.mesh, spec), lambda i, a=a: a[i]))
         return out
 
     def _fn(self, grid_s, grid_e):
@@ -218,9 +261,11 @@ class MLLMReward:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _score_fn(graphdef, pcfg, digit_ids, left, grid_s, grid_e, state, ids, mask, pos, last, src, edt):
-    """Module level so that every MLLMReward over the same architecture shares the compiled programs."""
+def _score_fn(graphdef, pcfg, digit_ids, left, grid_s, grid_e, state, ids, mask, pos, last, take, src, edt):
+    """Module level so that every MLLMReward over the same architecture shares the compiled programs.
+    ``take`` [mb] selects this micro-batch's rows of the whole image batch (on device, no host round trip)."""
     model = nnx.merge(graphdef, state)
+    src, edt = jnp.take(src, take, axis=0), jnp.take(edt, take, axis=0)
     imgs_ok = jnp.all(jnp.isfinite(src), axis=(1, 2, 3)) & jnp.all(jnp.isfinite(edt), axis=(1, 2, 3))
     src_tok = model.encode_images(preprocess_device(src, pcfg), grid_s)
     edt_tok = model.encode_images(preprocess_device(edt, pcfg), grid_e)
@@ -234,7 +279,7 @@ def _score_fn(graphdef, pcfg, digit_ids, left, grid_s, grid_e, state, ids, mask,
 def _as_float(image, i, what) -> np.ndarray:
     a = np.asarray(jax.device_get(image))
     if a.ndim != 3 or a.shape[-1] != 3:
-        raise RewardError(f"sample {i}: {what} image must be HWC RGB, got shape {a.shape}")
+        raise RewardError(f"sample {i}: {what} image must be HWC RGB, got shape {a.shape}", indices=[i])
     if a.dtype == np.uint8:
         return a.astype(np.float32) / np.float32(255.0)
     return a.astype(np.float32)
