@@ -127,14 +127,23 @@ def abstract_like(state: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
+def _files_under(folder):
+    """Every file below ``folder`` (epath's rglob refuses ``**`` on buckets, so walk by iterdir)."""
+    for p in folder.iterdir():
+        if p.is_dir():
+            yield from _files_under(p)
+        else:
+            yield p
+
+
 def diagnose_step(step_dir) -> list[str]:
     """Files of an orbax step folder that are empty, or JSON metadata that does not parse (with the reason)."""
     problems = []
-    for f in sorted(p for p in epath.Path(step_dir).rglob("*") if p.is_file()):
+    for f in sorted(_files_under(epath.Path(step_dir))):
         rel = f.relative_to(step_dir).as_posix()
         if "ocdbt.process_" in rel:  # per-process scratch copies, merged into the top-level database on save
             continue
-        if f.stat().st_size == 0:
+        if f.stat().length == 0:
             problems.append(f"{f}: empty file")
         elif f.name in ("_METADATA", "_CHECKPOINT_METADATA", "metadata", "_sharding") or \
                 f.parent.name == "array_metadatas":
