@@ -213,8 +213,9 @@ def source_square(row: bm.Row, resolution: int) -> np.ndarray:
     return np.asarray(center_crop_resize(img, resolution), dtype=np.uint8).copy()
 
 
-def edit_rows(rows: Sequence[bm.Row], run: RunDir, opts: dict, errors: dict) -> None:
-    """Edit the rows whose image is not on disk yet; image failures go to ``errors`` (key -> record)."""
+def edit_rows(rows: Sequence[bm.Row], run: RunDir, opts: dict, errors: dict, mesh=None) -> None:
+    """Edit the rows whose image is not on disk yet; image failures go to ``errors`` (key -> record). ``mesh``:
+    the editor's (``--edit-mesh``; None = one device)."""
     from PIL import Image
 
     todo = [r for r in rows if not run.edited_path(r.key).exists()]
@@ -228,7 +229,7 @@ def edit_rows(rows: Sequence[bm.Row], run: RunDir, opts: dict, errors: dict) -> 
         raise FileNotFoundError(f"{model_dir} is not a converted Kontext directory (no transformer/); the "
                                 f"evaluation edits with FLUX.1-Kontext (python -m tools.convert_weights kontext)")
     editor = KontextEditor.from_pretrained(model_dir, lora=opts["lora"], t5_length=opts["t5_length"],
-                                           mesh=_mesh(opts["edit_mesh"], "--edit-mesh"))
+                                           mesh=mesh)
     if editor.mesh is not None:
         log.info("edit phase: DiT on mesh %s, each batch padded to a multiple of %d", dict(editor.mesh.shape),
                  editor.batch_multiple)
@@ -433,6 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for p in (opts["model"], opts["judge"]):
             if not Path(p).is_dir():
                 raise FileNotFoundError(f"directory not found: {p}")
+        try:  # a malformed judge mesh fails now, not after the edit phase
+            parse_mesh(opts["judge_mesh"])
+        except ValueError as e:
+            raise ValueError(f"--judge-mesh {opts['judge_mesh']!r}: {e}") from e
+        edit_mesh = _mesh(opts["edit_mesh"], "--edit-mesh")
         run = RunDir(Path(opts["out"]), opts)
     except (FileNotFoundError, ValueError, ImportError, KeyError) as e:
         return _fail(str(e))
@@ -445,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("row not used: %s: %s", p.where, p.error)
     done = {k: v for k, v in run.load_results().items() if v.get("status") in ("ok", "unparsed")}
     errors: dict[str, dict] = {}
-    edit_rows(rows, run, opts, errors)
+    edit_rows(rows, run, opts, errors, edit_mesh)
     if any(r.key not in done and r.key not in errors for r in rows):
         from edit_r1_jax.evaluation.judge import QwenJudge
 
