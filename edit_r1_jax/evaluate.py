@@ -136,12 +136,13 @@ def _mesh(text: str, flag: str):
     and the reward: parameters by their logical axes, the batch over data x fsdp."""
     import jax
 
-    if jax.device_count() == 1:
-        return None
-    from edit_r1_jax.parallel.mesh import make_mesh
-
     try:
-        return make_mesh(parse_mesh(text))
+        shape = parse_mesh(text)  # checked on one device too
+        if jax.device_count() == 1:
+            return None
+        from edit_r1_jax.parallel.mesh import make_mesh
+
+        return make_mesh(shape)
     except ValueError as e:
         raise ValueError(f"{flag} {text!r}: {e}") from e
 
@@ -434,10 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for p in (opts["model"], opts["judge"]):
             if not Path(p).is_dir():
                 raise FileNotFoundError(f"directory not found: {p}")
-        try:  # a malformed judge mesh fails now, not after the edit phase
-            parse_mesh(opts["judge_mesh"])
-        except ValueError as e:
-            raise ValueError(f"--judge-mesh {opts['judge_mesh']!r}: {e}") from e
+        _mesh(opts["judge_mesh"], "--judge-mesh")  # a malformed judge mesh fails now, not after the edit phase
         edit_mesh = _mesh(opts["edit_mesh"], "--edit-mesh")
         run = RunDir(Path(opts["out"]), opts)
     except (FileNotFoundError, ValueError, ImportError, KeyError) as e:
