@@ -226,3 +226,16 @@ def test_prompt_template_file_changes_the_token_ids(setup, tmp_path):
     assert ours != reward.prompts("make the sky red", "keep the dog", grids)  # the default differs
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         MLLMReward(root / "jax", dtype=jnp.float32, model=reward.model, prompt_template=str(tmp_path / "missing.txt"))
+
+
+def test_score_cli_prompt_template_missing_file(setup, tmp_path):
+    from edit_r1_jax import score as cli
+
+    from PIL import Image
+
+    _, _, root = setup
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / name)
+    with pytest.raises(SystemExit, match="--prompt-template: .*missing.txt"):  # before the model is loaded
+        cli.main(["--model", str(root / "jax"), "--source", str(tmp_path / "a.png"), "--edited",
+                  str(tmp_path / "b.png"), "--instruction", "x", "--prompt-template", str(tmp_path / "missing.txt")])
