@@ -80,6 +80,10 @@ def get_config(variant: str = "") -> ConfigDict:
     c.reward.jpeg_roundtrip = False
     c.reward.on_error = "raise"  # or "mask": drop the sample from the loss and count it
     c.reward.batch_size = 24
+    # The MLLM reward's prompt: a file path or the template text itself ({prompt}, optional {requirement}: str.format
+    # fields). Empty = the built-in text, which is the reference implementation's paraphrase of the paper's reward
+    # prompt, NOT the paper's official wording; name a file with the official wording for comparable rewards.
+    c.reward.prompt_template = ""
 
     c.eval = ConfigDict(dict(every=10, num_steps=15, solver="flow", num_samples=72, batch_size=72))
     # restore_step: -1 = the latest step; N = that older step (e.g. when the latest is corrupt).

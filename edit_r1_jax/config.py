@@ -104,6 +104,13 @@ def validate(c: ConfigDict, num_processes: int = 1, data_parallel: int = 1) -> d
     need(c.filter.rule in ("paper", "reference"), f"filter.rule={c.filter.rule!r}: 'paper' or 'reference'")
     need(c.reward.on_error in ("raise", "mask"), f"reward.on_error={c.reward.on_error!r}: 'raise' or 'mask'")
     need(len(c.reward.weights) > 0, "reward.weights is empty: name at least one reward")
+    if c.reward.get("prompt_template"):  # a missing file or a template without {prompt} fails here, not after loading
+        from edit_r1_jax.models.qwen2_5_vl.processor import resolve_template
+
+        try:
+            resolve_template(c.reward.prompt_template)
+        except (FileNotFoundError, ValueError) as e:
+            errors.append(f"reward.prompt_template={c.reward.prompt_template!r}: {e}")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

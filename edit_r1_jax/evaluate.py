@@ -41,7 +41,7 @@ PINNED = ("bench", "data", "images", "language", "subset", "model", "lora", "jud
 DEFAULTS = dict(bench=None, data=None, images=None, model=None, lora=None, judge=None, out=None, language="en",
                 subset="fullset", prompts=None, judge_mode="generate", steps=28, guidance=2.5, resolution=512,
                 seed=0, batch_size=4, judge_batch_size=4, max_new_tokens=512, retry_temperature=0.7, t5_length=128,
-                judge_dtype="bfloat16", judge_mesh="data=-1", limit=None, no_progress=False)
+                judge_dtype="bfloat16", judge_mesh="data=-1", edit_mesh="data=-1", limit=None, no_progress=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--judge-dtype", choices=["bfloat16", "float32"], help="judge compute/parameter dtype (bfloat16)")
     ap.add_argument("--judge-mesh", help="judge mesh, e.g. 'data=-1' (default: batch over every device) or "
                                          "'fsdp=8' / 'tensor=8' for a judge that does not fit one device")
+    ap.add_argument("--edit-mesh", help="editor mesh, e.g. 'data=-1' (default: edits batched over every device, a "
+                                        "batch padded to a multiple of the data size) or 'fsdp=8' for a DiT that "
+                                        "does not fit one device")
     ap.add_argument("--limit", type=int, help="only the first N rows (smoke runs)")
     ap.add_argument("--no-progress", action="store_true", default=None)
     return ap
@@ -126,6 +129,22 @@ def parse_mesh(text: str) -> dict[str, int]:
             raise ValueError(f"expected axis=size pairs separated by commas, got {part!r}")
         out[name.strip()] = int(size)
     return out
+
+
+def _mesh(text: str, flag: str):
+    """The mesh of ``flag`` on every device (None on one device: plain single-device code). Sharded as the trainer
+    and the reward: parameters by their logical axes, the batch over data x fsdp."""
+    import jax
+
+    try:
+        shape = parse_mesh(text)  # checked on one device too
+        if jax.device_count() == 1:
+            return None
+        from edit_r1_jax.parallel.mesh import make_mesh
+
+        return make_mesh(shape)
+    except ValueError as e:
+        raise ValueError(f"{flag} {text!r}: {e}") from e
 
 
 def row_seed(base: int, key: str) -> int:
@@ -195,8 +214,9 @@ def source_square(row: bm.Row, resolution: int) -> np.ndarray:
     return np.asarray(center_crop_resize(img, resolution), dtype=np.uint8).copy()
 
 
-def edit_rows(rows: Sequence[bm.Row], run: RunDir, opts: dict, errors: dict) -> None:
-    """Edit the rows whose image is not on disk yet; image failures go to ``errors`` (key -> record)."""
+def edit_rows(rows: Sequence[bm.Row], run: RunDir, opts: dict, errors: dict, mesh=None) -> None:
+    """Edit the rows whose image is not on disk yet; image failures go to ``errors`` (key -> record). ``mesh``:
+    the editor's (``--edit-mesh``; None = one device)."""
     from PIL import Image
 
     todo = [r for r in rows if not run.edited_path(r.key).exists()]
@@ -209,7 +229,11 @@ def edit_rows(rows: Sequence[bm.Row], run: RunDir, opts: dict, errors: dict) -> 
     if not (model_dir / "transformer").is_dir():
         raise FileNotFoundError(f"{model_dir} is not a converted Kontext directory (no transformer/); the "
                                 f"evaluation edits with FLUX.1-Kontext (python -m tools.convert_weights kontext)")
-    editor = KontextEditor.from_pretrained(model_dir, lora=opts["lora"], t5_length=opts["t5_length"])
+    editor = KontextEditor.from_pretrained(model_dir, lora=opts["lora"], t5_length=opts["t5_length"],
+                                           mesh=mesh)
+    if editor.mesh is not None:
+        log.info("edit phase: DiT on mesh %s, each batch padded to a multiple of %d", dict(editor.mesh.shape),
+                 editor.batch_multiple)
     h, w = editor.token_grid(opts["resolution"])
     bar = _bar(len(todo), "editing", opts["no_progress"])
     bs = int(opts["batch_size"])
@@ -411,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for p in (opts["model"], opts["judge"]):
             if not Path(p).is_dir():
                 raise FileNotFoundError(f"directory not found: {p}")
+        _mesh(opts["judge_mesh"], "--judge-mesh")  # a malformed judge mesh fails now, not after the edit phase
+        edit_mesh = _mesh(opts["edit_mesh"], "--edit-mesh")
         run = RunDir(Path(opts["out"]), opts)
     except (FileNotFoundError, ValueError, ImportError, KeyError) as e:
         return _fail(str(e))
@@ -423,21 +449,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("row not used: %s: %s", p.where, p.error)
     done = {k: v for k, v in run.load_results().items() if v.get("status") in ("ok", "unparsed")}
     errors: dict[str, dict] = {}
-    edit_rows(rows, run, opts, errors)
+    edit_rows(rows, run, opts, errors, edit_mesh)
     if any(r.key not in done and r.key not in errors for r in rows):
         from edit_r1_jax.evaluation.judge import QwenJudge
 
         import jax
         import jax.numpy as jnp
 
-        mesh = None
-        if jax.device_count() > 1:  # sharded as the reward: parameters by their logical axes, batch over data/fsdp
-            from edit_r1_jax.parallel.mesh import make_mesh
-
-            try:
-                mesh = make_mesh(parse_mesh(opts["judge_mesh"]))
-            except ValueError as e:
-                return _fail(f"--judge-mesh {opts['judge_mesh']!r}: {e}")
+        try:
+            mesh = _mesh(opts["judge_mesh"], "--judge-mesh")
+        except ValueError as e:
+            return _fail(str(e))
         judge = QwenJudge(opts["judge"], batch_size=int(opts["judge_batch_size"]),
                           max_new_tokens=int(opts["max_new_tokens"]), mesh=mesh,
                           dtype=getattr(jnp, opts["judge_dtype"]))

@@ -82,7 +82,8 @@ class KontextTask(Task):
             from edit_r1_jax.rewards.mllm import MLLMReward
 
             mllm = MLLMReward(c.reward.mllm_dir, mesh=mesh, jpeg=bool(c.reward.jpeg_roundtrip),
-                              batch_size=int(c.reward.batch_size))
+                              batch_size=int(c.reward.batch_size),
+                              prompt_template=c.reward.get("prompt_template") or None)
             reg.register("mllm", lambda b: mllm(b["source"], b["image"], b["prompt"], b["requirement"]))
         self.reward_fn = reg.combine(dict(c.reward.weights), c.reward.on_error)
 

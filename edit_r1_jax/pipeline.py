@@ -11,6 +11,11 @@ Flow (= diffusers ``FluxKontextPipeline`` with ``_auto_resize=False``, ``max_are
 ``denoise`` runs all steps as one jitted ``lax.scan`` (training rollouts); ``denoise_steps`` is a Python loop over
 a jitted step with an optional progress callback (the CLI's tqdm bar). Both give the same numbers.
 
+On a mesh (``from_pretrained(mesh=...)``, used by ``python -m edit_r1_jax.evaluate``): the DiT is read slice by slice
+onto the mesh by its logical axes (``models.flux.params.load_transformer``, as the trainer), the VAE replicated, and
+each batch (pixels, noise, text embeddings) sharded over the batch mesh axes, padded to a multiple of their size
+with copies of the last row whose outputs are dropped; every process must pass the same whole batch.
+
 Converted model directory (``python -m tools.convert_weights kontext``)::
 
     transformer/     DiT (params.safetensors + config.json)
@@ -102,6 +107,17 @@ def load_transformer(model_dir: str | Path, dtype=jnp.float32, param_dtype=jnp.f
     return model
 
 
+def _load_transformer_on_mesh(model_dir, mesh, dtype, lora: LoRAConfig | None) -> FluxTransformer:
+    """The DiT read slice by slice onto ``mesh`` by its logical axes (the trainer's loader); zero adapters."""
+    from edit_r1_jax.models.flux import params as flux_params
+
+    _, graphdef, base, lora_state = flux_params.load_transformer(model_dir, mesh=mesh, dtype=dtype,
+                                                                 param_dtype=jnp.float32, lora=lora)
+    # zero adapters (exactly the base model until the file's LoRA weights are put in), keeping their shardings
+    lora_state = jax.tree.map(jnp.zeros_like, lora_state)
+    return nnx.merge(graphdef, lora_state, base)  # split_policy's order: LoRAParam first
+
+
 def _peft_to_ours(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """PEFT / diffusers LoRA keys (``[transformer.]X.lora_A[.default].weight`` [r, in]) -> ours (``X.lora_a`` [in, r])."""
     out = {}
@@ -175,7 +191,8 @@ class KontextEditor:
     """Holds the DiT, the VAE, optional text encoders and the schedule config; see the module docstring."""
 
     def __init__(self, transformer: FluxTransformer, vae: AutoencoderKL, text_encoders=None,
-                 schedule_config: dict | None = None):
+                 schedule_config: dict | None = None, mesh=None):
+        self.mesh = mesh
         self.transformer = transformer
         self.vae = vae
         self.text_encoders = text_encoders
@@ -187,7 +204,9 @@ class KontextEditor:
     # -- construction
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, *, dtype=jnp.float32, lora: str | Path | None = None,
-                        load_text_encoders: bool = True, t5_length: int = 128, clip_length: int = 77):
+                        load_text_encoders: bool = True, t5_length: int = 128, clip_length: int = 77, mesh=None):
+        """``mesh``: load the DiT sharded by its logical axes and the VAE replicated on it, and run every edit
+        with the batch sharded over the batch mesh axes (see the module docstring). None: default device."""
         d = Path(model_dir)
         for sub in ("transformer", "vae"):
             if not (d / sub).is_dir():
@@ -196,7 +215,10 @@ class KontextEditor:
         lora_cfg, lora_flat = None, None
         if lora is not None:
             lora_flat, lora_cfg = load_lora_file(lora)
-        transformer = load_transformer(d / "transformer", dtype=dtype, lora=lora_cfg)
+        if mesh is None:
+            transformer = load_transformer(d / "transformer", dtype=dtype, lora=lora_cfg)
+        else:
+            transformer = _load_transformer_on_mesh(d / "transformer", mesh, dtype, lora_cfg)
         if lora_flat is not None:
             template = nnx.state(transformer, LoRAParam)
             # Stacked layers share one graph, so an adapter the file gives for some layers of a stack exists on all
@@ -207,8 +229,21 @@ class KontextEditor:
                 log.info("LoRA %s has no weights for %d per-layer tensors of stacked layers (e.g. %s): zero there",
                          lora, len(absent), absent[0])
                 lora_flat = {**{k: np.zeros(wanted[k].shape, np.float32) for k in absent}, **lora_flat}
-            nnx.update(transformer, lora_from_flat(lora_flat, template))
-        vae = load_vae(d / "vae", dtype=dtype)
+            lora_state = lora_from_flat(lora_flat, template)
+            if mesh is not None:  # small: placed from host values by the adapters' logical axes
+                from edit_r1_jax.parallel import rules
+
+                lora_state = jax.device_put(lora_state, rules.state_shardings(template, mesh))
+            nnx.update(transformer, lora_state)
+        if mesh is None:
+            vae = load_vae(d / "vae", dtype=dtype)
+        else:  # replicated, each process filling its own devices from the file (as kontext_task.py)
+            from edit_r1_jax.models.flux import autoencoder_params as vae_params
+
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            vae_cfg = vae_params.config_from_dict(read_config(d / "vae"))
+            vae_sh = jax.tree.map(lambda _: replicated, vae_params.abstract_state(vae_cfg))
+            vae = load_vae(d / "vae", dtype=dtype, shardings=vae_sh)
         text = None
         if load_text_encoders:
             from edit_r1_jax.models.text.encoders import TextEncoders
@@ -216,7 +251,20 @@ class KontextEditor:
             text = TextEncoders.from_pretrained(d, t5_length=t5_length, clip_length=clip_length)
         sched_file = d / "scheduler" / "scheduler_config.json"
         sched = json.loads(sched_file.read_text()) if sched_file.exists() else None
-        return cls(transformer, vae, text, sched)
+        return cls(transformer, vae, text, sched, mesh=mesh)
+
+    @property
+    def batch_multiple(self) -> int:
+        """Batches are padded to a multiple of this: the size of the batch mesh axes (1 without a mesh)."""
+        if self.mesh is None:
+            return 1
+        from edit_r1_jax.parallel import rules
+
+        n = 1
+        for axes in rules.partition_spec(("batch",), mesh=self.mesh):
+            for a in (axes,) if isinstance(axes, str) else (axes or ()):
+                n *= self.mesh.shape[a]
+        return n
 
     # -- geometry
     @property
@@ -347,12 +395,28 @@ class KontextEditor:
             raise ValueError("prompt_embeds given without pooled")
         if not self.transformer.config.guidance_embeds:
             guidance = None
-        ref = self.encode_reference(x)
         if noise is None:
             noise = self.make_noise(b, h, w, seed)
         sigmas = self.schedule_config.sigmas(num_steps, h * w)
+        if self.mesh is None:
+            return self._edit(x, noise, prompt_embeds, pooled, sigmas, guidance, h, w, scan, callback)
+        from edit_r1_jax.parallel import distributed
+
+        # pad to a multiple of the batch mesh axes with copies of the last row (rows never interact: the
+        # padding changes no real row's result), shard, and drop the padding's outputs
+        pad = -b % self.batch_multiple
+        host = [np.asarray(a, np.float32) for a in (x, noise, prompt_embeds, pooled)]
+        if pad:
+            host = [np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for a in host]
+        sharded = [distributed.shard_host_batch(self.mesh, a) for a in host]
+        with jax.set_mesh(self.mesh):
+            out = self._edit(*sharded, sigmas, guidance, h, w, scan, callback)
+        return distributed.gather_global(out)[:b]
+
+    def _edit(self, x, noise, prompt_embeds, pooled, sigmas, guidance, h, w, scan, callback):
+        ref = self.encode_reference(x)
         if scan:
             z = self.denoise(noise, ref, prompt_embeds, pooled, sigmas, guidance, h, w)
         else:
             z = self.denoise_steps(noise, ref, prompt_embeds, pooled, sigmas, guidance, h, w, callback)
-        return np.asarray(self.decode(z, h, w))
+        return np.asarray(self.decode(z, h, w)) if self.mesh is None else self.decode(z, h, w)

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--source/--edited/--instruction")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per reward call")
     p.add_argument("--jpeg", action="store_true", help="JPEG q75 round trip of both images (reference client)")
+    p.add_argument("--prompt-template", default=None,
+                   help="the reward prompt: a file or the text ({prompt}, optional {requirement}); default: the "
+                        "built-in text, the reference's paraphrase, not the paper's official wording")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
     return p
 
@@ -97,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from edit_r1_jax.rewards.mllm import MLLMReward, RewardError
 
-    reward = MLLMReward(args.model, dtype=getattr(jnp, args.dtype), jpeg=args.jpeg)
+    from edit_r1_jax.models.qwen2_5_vl.processor import resolve_template
+
+    try:  # before loading the model: a missing template file is a usage error
+        resolve_template(args.prompt_template)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--prompt-template: {e}") from None
+    reward = MLLMReward(args.model, dtype=getattr(jnp, args.dtype), jpeg=args.jpeg,
+                        prompt_template=args.prompt_template)
     for start in range(0, len(rows), args.batch_size):
         chunk = rows[start:start + args.batch_size]
         try:

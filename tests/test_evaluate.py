@@ -302,6 +302,8 @@ def test_compare_and_config(tmp_path, capsys):
     assert ev.parse_mesh("data=2, tensor=4") == {"data": 2, "tensor": 4} and ev.parse_mesh("data=-1") == {"data": -1}
     with pytest.raises(ValueError, match="axis=size"):
         ev.parse_mesh("tensor")
+    with pytest.raises(ValueError, match="--edit-mesh 'data'"):  # named, and refused on one device too
+        ev._mesh("data", "--edit-mesh")
 
 
 def test_reward_prompt_template_option(tmp_path, tmp_path_factory):

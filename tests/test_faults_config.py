@@ -43,6 +43,18 @@ def test_bad_fields_stop_before_any_work(tmp_path, field, value, expect):
     assert not (tmp_path / "checkpoints").exists()  # nothing ran
 
 
+def test_reward_prompt_template_file_must_exist(tmp_path):
+    c = toy.get_config()
+    c.run_dir = str(tmp_path / "run")
+    c.reward.prompt_template = str(tmp_path / "official_prompt.txt")
+    with pytest.raises(config_lib.ConfigError) as e:
+        train.run(c)
+    assert "reward.prompt_template=" in str(e.value) and "official_prompt.txt" in str(e.value)
+    assert "not found" in str(e.value)
+    (tmp_path / "official_prompt.txt").write_text("Rate the edit '{prompt}' from 0 to 5.")
+    config_lib.validate(c)  # an existing file with a {prompt} field passes
+
+
 def test_unused_ema_field_is_gone():
     assert "ema" not in toy.get_config().train  # the EMA policy is always kept (spec B.7)
 

@@ -202,3 +202,40 @@ def test_micro_batches_and_length_buckets(setup):
     assert [bucket_length(n) for n in (1, 64, 65, 300, 513, 1000, 1025)] == [64, 64, 128, 320, 576, 1024, 1152]
     assert len({bucket_length(n) for n in range(1025, 2049)}) == 8
     assert registry.RewardError is RewardError  # one error type for the whole package
+
+
+def test_prompt_template_file_changes_the_token_ids(setup, tmp_path):
+    """reward.prompt_template / score --prompt-template: a template file replaces the built-in text in the token
+    ids the reward feeds the model. Expected ids: the Qwen2.5-VL chat layout spelled out here, tokenised by
+    transformers (not by PromptBuilder), <|image_pad|> expanded to grid_t*grid_h*grid_w // 4."""
+    from transformers import AutoTokenizer
+
+    _, reward, root = setup
+    f = tmp_path / "official.txt"
+    f.write_text("Original and edited image. Does the edit follow '{prompt}' ({requirement})? Reply 0-5.")
+    custom = MLLMReward(root / "jax", dtype=jnp.float32, model=reward.model, prompt_template=str(f))
+    grids = [(1, 4, 6), (1, 4, 4)]
+    ours = custom.prompts("make the sky red", "keep the dog", grids)
+    judge = "Original and edited image. Does the edit follow 'make the sky red' (keep the dog)? Reply 0-5."
+    text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            + "".join("<|vision_start|>" + "<|image_pad|>" * (g[0] * g[1] * g[2] // 4) + "<|vision_end|>"
+                      for g in grids)
+            + judge + "<|im_end|>\n<|im_start|>assistant\n")
+    tok = AutoTokenizer.from_pretrained(str(root / "jax"))
+    assert ours == tok(text, add_special_tokens=False)["input_ids"]
+    assert ours != reward.prompts("make the sky red", "keep the dog", grids)  # the default differs
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        MLLMReward(root / "jax", dtype=jnp.float32, model=reward.model, prompt_template=str(tmp_path / "missing.txt"))
+
+
+def test_score_cli_prompt_template_missing_file(setup, tmp_path):
+    from edit_r1_jax import score as cli
+
+    from PIL import Image
+
+    _, _, root = setup
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / name)
+    with pytest.raises(SystemExit, match="--prompt-template: .*missing.txt"):  # before the model is loaded
+        cli.main(["--model", str(root / "jax"), "--source", str(tmp_path / "a.png"), "--edited",
+                  str(tmp_path / "b.png"), "--instruction", "x", "--prompt-template", str(tmp_path / "missing.txt")])

@@ -72,6 +72,13 @@ def to_global(mesh, local_tree):
     return jax.tree.map(one, local_tree)
 
 
+def shard_host_batch(mesh, x) -> jax.Array:
+    """The same whole batch on every host (numpy) -> a global array sharded over the batch axes, each process
+    filling only its own devices (evaluation: every process reads the same rows; ``to_global`` takes shares)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda idx: x[idx])
+
+
 def to_local(global_tree):
     """Global batch-sharded arrays -> this host's share as numpy (inverse of ``to_global``)."""
 

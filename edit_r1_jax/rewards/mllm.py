@@ -85,7 +85,8 @@ class MLLMReward:
 
     def __init__(self, model_dir: str | Path, *, mesh=None, dtype=jnp.bfloat16, param_dtype=None,
                  jpeg: bool = False, jpeg_quality: int = 75, padding_side: str = "left", pad_to_multiple: int = 64,
-                 model: Qwen2_5_VL | None = None, batch_size: int | None = None):
+                 model: Qwen2_5_VL | None = None, batch_size: int | None = None,
+                 prompt_template: str | Path | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.model_dir = Path(model_dir)
@@ -97,7 +98,8 @@ class MLLMReward:
             raise ValueError(f"reward batch_size must be >= 1 or None, got {batch_size}")
         self.batch_size = None if batch_size is None else int(batch_size)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.prompts = PromptBuilder(self.tokenizer)
+        # None: the built-in prompt (the reference's paraphrase, not the paper's wording); else a file or the text
+        self.prompts = PromptBuilder(self.tokenizer, template=prompt_template)
         self.digit_ids = digit_token_ids(self.tokenizer)
         self.image_cfg = ImageProcessorConfig.from_dir(self.model_dir)
         if model is None:
