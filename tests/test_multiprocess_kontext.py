@@ -22,7 +22,9 @@ differences imply through that formula; the filter's mask and ban set are equal 
 paper rule. std_thres sits in a gap of the fixture's group stds that is wider than the reward differences (the
 test checks the margin, so a filter decision cannot flip between layouts; a flip sends epoch 1 to other rows and
 was what made the old comparison loose). The train/* losses and the final LoRA then differ only through the
-r differences and rounding: losses to 2% relative and the LoRA to 2% of its update (see the printed figures).
+r differences and rounding. The losses to 1e-5 relative (seen 1e-7: each epoch's single step starts at
+theta = theta_old, where the positive and negative branches coincide and r cancels from the loss value); the
+LoRA to 2% of its update (seen 1.2%: r does weigh the gradient, and the unmasked group's r differs by 8e-3).
 The resume must draw exactly the rows the uninterrupted run drew, with the same tolerances.
 """
 
@@ -182,7 +184,7 @@ def _assert_epoch(a, b, ea, eb, what):
     np.testing.assert_array_equal(a[f"e{ea}_banned"], b[f"e{eb}_banned"])
 
 
-def _assert_losses(a, b, ea, eb, what, rel=0.02):
+def _assert_losses(a, b, ea, eb, what, rel=1e-5):
     keys = [k for k in a if k.startswith("train/") and "loss" in k]
     assert "train/policy_loss" in keys and sorted(keys) == sorted(k for k in b if k.startswith("train/") and "loss" in k)
     for k in keys:
@@ -221,7 +223,11 @@ def test_paper_path_two_processes_match_one_and_resume(kontext_fixtures, tmp_pat
     # Resume on 1 x 8 from the 2 x 4 run's epoch-0 checkpoint: the same epoch 1 and the same final LoRA.
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "two", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "1")
+    from edit_r1_jax.checkpoint import step_name
+
+    shutil.rmtree(resumed / "checkpoints" / step_name(2))  # keep the epoch-0 checkpoint (1 epoch done)
+    if (resumed / "lora" / step_name(2)).exists():
+        shutil.rmtree(resumed / "lora" / step_name(2))
     _wait([_launch(fx, resumed, 2, tmp_path / "resumed.npz", 8)])
     r = _load(tmp_path / "resumed.npz")
     assert int(r["step"]) == 2 and list(r["epochs"])[-1] == 1
