@@ -6,16 +6,20 @@ gloo carries the CPU collectives. Three launches: the 2x4 run and the 1x8 refere
 resumes the 2x4 run's epoch-0 checkpoint.
 
 What differs between the layouts, and why (measured): both compile the same partitioned programs over the same
-8-device mesh (data=8, one sample per device, same global device order), yet the epoch-0 rollouts x0 differ at
-float32 rounding level (<= 5e-7 on values ~1, every sample), so XLA:CPU does not execute the per-device programs
-of a 4-device and an 8-device process bit for bit alike (a probe of plain matmul/softmax/layer-norm programs was
-bitwise equal, so it is something in the real graph; not pinned down). The gradient all-reduce over gloo also
+8-device mesh (data=8, one sample per device, same global device order, the same reward micro-batch and
+prompt padding). Each layout is bitwise reproducible from run to run, but across the layouts the rollouts x0
+differ at float32 rounding level (<= 5e-7 on values ~1, every sample, in both epochs, no growth), so XLA:CPU
+does not execute the per-device programs of the 2 x 4 and 1 x 8 jobs bit for bit alike. Not pinned down:
+probes of matmul, softmax, layer-norm and convolution programs on 4 vs 8 devices of one process were bitwise
+equal, so it is something in the real graph or in the multi-process (gloo) client. The gradient all-reduce also
 sums in another order. The reward quantises the decoded images to uint8 levels before the judge (as the
-reference client does): a rounding difference that crosses a level flips a pixel by 1/255 and moves this tiny,
-deliberately sensitive judge's score by up to ~1e-3, the other samples stay equal to 1e-6.
+reference client does), which absorbs these differences: 6 of 8 rewards are exactly equal in each epoch, and
+the 2 whose decoded images cross a level (a pixel moves by 1/255) move this tiny, deliberately sensitive
+judge's score by up to 7e-4.
 
 Tolerances, per epoch: rows drawn equal exactly; x0 within 1e-5 (rounding level, not a data or key error, which
-moves x0 by O(1)); at least 3 of 8 rewards equal to 1e-5 and the max |difference| <= 3e-3 (a wrong data share,
+moves x0 by O(1)); at least 4 of 8 rewards equal to 1e-6 and the max |difference| <= 2e-3 (seen: 6 of 8 exactly, max 7e-4,
+in every comparison; a wrong data share,
 gather order or prompt moves nearly every sample by the rewards' spread, ~5e-3); each run's r is the paper's
 formula on its own rewards (to 1e-9), and the cross-layout r difference is within the bound that the reward
 differences imply through that formula; the filter's mask and ban set are equal across layouts and follow the
@@ -25,7 +29,9 @@ was what made the old comparison loose). The train/* losses and the final LoRA t
 r differences and rounding. The losses to 1e-5 relative (seen 1e-7: each epoch's single step starts at
 theta = theta_old, where the positive and negative branches coincide and r cancels from the loss value); the
 LoRA to 2% of its update (seen 1.2%: r does weigh the gradient, and the unmasked group's r differs by 8e-3).
-The resume must draw exactly the rows the uninterrupted run drew, with the same tolerances.
+The resume (1 x 8 from the 2 x 4 run's epoch-0 checkpoint) must draw exactly the rows the uninterrupted run
+drew, with the same tolerances, and end at its LoRA to 1e-3 of the update (seen 5e-5: the same theta_old, so
+only epoch 1's rounding-level differences remain).
 """
 
 import json
@@ -125,7 +131,7 @@ def _paper_filter(rows, rewards, std_thres, mean_thres=0.0):
 def _assert_close_rewards(x, y, what):
     d = np.abs(np.asarray(x) - np.asarray(y))
     print(what, "reward |diff| per sample", d.tolist())
-    assert np.sum(d <= 1e-5) >= 3 and d.max() <= 3e-3, (what, d)
+    assert np.sum(d <= 1e-6) >= 4 and d.max() <= 2e-3, (what, d)
 
 
 def _paper_r(rows, rewards):
@@ -233,4 +239,4 @@ def test_paper_path_two_processes_match_one_and_resume(kontext_fixtures, tmp_pat
     assert int(r["step"]) == 2 and list(r["epochs"])[-1] == 1
     _assert_epoch(r, a, 0, 1, "resumed epoch 1")  # sampler state, ban set and theta_old restored exactly
     _assert_losses(r, a, -1, 1, "resumed epoch 1")
-    _assert_lora_close(r, a, "resumed vs 2x4")
+    _assert_lora_close(r, a, "resumed vs 2x4", rel=1e-3)
