@@ -3,7 +3,8 @@ N-process job, started the way tools/gpu/ssh_launch.sh starts it: EDIT_R1_COORDI
 EDIT_R1_PROCESS_ID in the environment (none of them: a single process). Used by test_multiprocess_kontext.py.
 
 Usage: python tests/mp_kontext_worker.py FIXTURES_JSON RUN_DIR NUM_EPOCHS OUT_NPZ
-Process 0 writes per-epoch rows, rewards, advantages (r), mask, banned rows and losses, and the final LoRA.
+Process 0 writes per-epoch rows, rollouts (x0, gathered), rewards, advantages (r), mask, banned rows, the
+epoch's train/* metrics (losses) from metrics.jsonl, and the final LoRA.
 """
 
 import json
@@ -52,7 +53,9 @@ def main():
 
     def recording(c_, batches, sampler):  # the real function; its inputs and outputs are kept for the test
         adv, filt, m = real(c_, batches, sampler)
-        record.append(dict(rows=np.concatenate([b["rows_all"] for b in batches]),
+        x0 = np.concatenate([np.asarray(jax.experimental.multihost_utils.process_allgather(b["x0"], tiled=True))
+                             for b in batches])
+        record.append(dict(x0=x0, rows=np.concatenate([b["rows_all"] for b in batches]),
                            rewards=np.concatenate([b["rewards_all"] for b in batches]),
                            r=np.asarray(adv.r), mask=np.asarray(filt.mask), banned=sorted(sampler.banned)))
         return adv, filt, m
@@ -64,12 +67,14 @@ def main():
         flat["theta/" + "/".join(str(getattr(p, "key", p)) for p in path)] = np.asarray(
             jax.experimental.multihost_utils.process_allgather(leaf, tiled=True))
     if jax.process_index() == 0:
-        lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl")) if '"epoch"' in x]
+        # One metrics line per epoch, keyed by "step" (epochs done); evaluation lines carry no train/ keys.
+        lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+        lines = [x for x in lines if "train/policy_loss" in x]
         arrays = {f"e{i}_{k}": np.asarray(v) for i, rec in enumerate(record) for k, v in rec.items()}
+        train_keys = sorted(k for k in lines[0] if k.startswith("train/")) if lines else []
         np.savez(out, step=int(summary["state"]["step"]), devices=jax.device_count(), processes=jax.process_count(),
-                 epochs=np.asarray([x["epoch"] for x in lines]),
-                 policy_loss=np.asarray([x["train/policy_loss"] for x in lines]),
-                 total_loss=np.asarray([x["train/total_loss"] for x in lines]), **arrays, **flat)
+                 epochs=np.asarray([x["step"] - 1 for x in lines]),
+                 **{k: np.asarray([x[k] for x in lines]) for k in train_keys}, **arrays, **flat)
 
 
 if __name__ == "__main__":
