@@ -75,7 +75,9 @@ def _main():
 
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with tempfile.TemporaryDirectory() as d:  # the trainer's path: converted folder -> sharded base + LoRA
-        flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(base)}
+        # per-layer keys, as the converter writes them: the loader stacks them shard by shard on the mesh
+        flat = {k: np.asarray(v) for k, v in weights.flat_per_layer(base).items()}
+        assert "transformer_blocks.1.attn.to_q.kernel" in flat, sorted(flat)[:8]
         weights.save_tensors(os.path.join(d, weights.PARAMS_FILE), flat)
         with open(os.path.join(d, weights.CONFIG_FILE), "w") as f:
             json.dump(cfg.to_diffusers(), f)
@@ -86,9 +88,10 @@ def _main():
     with jax.set_mesh(mesh):
         out, grad = jax.device_get(make_step(g2)(base2, lora_s, inp_s))
 
-    kernel = base2["transformer_blocks"][0]["attn"]["to_q"]["kernel"].get_value()
-    mlp = base2["transformer_blocks"][0]["img_mlp"]["net"][0]["proj"]["kernel"].get_value()
-    a2 = lora2["transformer_blocks"][0]["attn"]["to_q"]["lora_a"].get_value()
+    # stacked blocks (models/scan.py): layer 0's slice of transformer_blocks.<rest> [L, ...]
+    kernel = base2["transformer_blocks"]["attn"]["to_q"]["kernel"].get_value()[0]
+    mlp = base2["transformer_blocks"]["img_mlp"]["net"][0]["proj"]["kernel"].get_value()[0]
+    a2 = lora2["transformer_blocks"]["attn"]["to_q"]["lora_a"].get_value()[0]
     assert a2.sharding.spec[0] == "fsdp", a2.sharding.spec
     scale = float(np.abs(ref_out).max())
     gerr = max(float(np.abs(g - r).max() / (np.abs(r).max() + 1e-30))

@@ -22,6 +22,7 @@ from edit_r1_jax.models.flux.modeling import FluxConfig, FluxTransformer, kontex
 from edit_r1_jax.models.qwen2_5_vl.model import Qwen2_5_VL, Qwen2_5_VLConfig
 from edit_r1_jax.models.qwen2_5_vl.language import TextConfig
 from edit_r1_jax.models.qwen2_5_vl.vision import VisionConfig
+from edit_r1_jax.models.qwen_image.modeling import QwenImageConfig, QwenImageTransformer, qwen_image_velocity
 
 RTOL = 1e-5
 
@@ -77,6 +78,48 @@ def test_flux_scan_equals_loop(remat):
                                  inp["sigma"], inp["img_ids"], inp["txt_ids"], inp["guidance"],
                                  fn=kontext_velocity))()
     assert not np.allclose(np.asarray(v0), np.asarray(vs), atol=1e-3)
+
+
+QI_CFG = QwenImageConfig(in_channels=16, out_channels=4, num_layers=3, attention_head_dim=16, num_attention_heads=2,
+                         joint_attention_dim=12, axes_dims_rope=(4, 6, 6), zero_cond_t=True,
+                         lora=L.LoRAConfig(rank=2, alpha=4.0))
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_qwen_image_scan_equals_loop(remat):
+    """Qwen-Image MMDiT: scanned blocks == python loop over the same stacked parameters (velocity and every
+    layer's LoRA gradient), with what is broadcast to every block in play: a padded text mask and the zero_cond_t
+    ``modulate_index`` (reference tokens modulated from timestep 0)."""
+    from edit_r1_jax.diffusion import qwen_image as Q
+
+    cfg = dataclasses.replace(QI_CFG, remat_policy=remat)
+    graphdef, base, lora = L.split_policy(QwenImageTransformer(cfg, rngs=nnx.Rngs(0)))
+    assert base["transformer_blocks"]["attn"]["to_q"]["kernel"].get_value().shape == (3, 32, 32)
+    lora = _random_lora(lora, 1)  # B = 0 at init would hide a wrong LoRA path
+    loop_def, _, _ = L.split_policy(QwenImageTransformer(dataclasses.replace(cfg, scan_layers=False),
+                                                         rngs=nnx.Rngs(0)))
+    r = np.random.default_rng(0)
+    f = lambda *s: jnp.asarray(r.standard_normal(s), jnp.float32)  # noqa: E731
+    t = 5
+    img_ids, txt_ids = Q.position_ids([(1, 2, 3), (1, 3, 2)], t)
+    args = (f(2, 6, 16), f(2, 6, 16), f(2, t, 12), jnp.ones((2, t), jnp.int32).at[1, 3:].set(0),
+            jnp.asarray([0.3, 0.8]), jnp.asarray(img_ids), jnp.asarray(txt_ids))
+
+    def loss(gd, lo):
+        v = L.apply(gd, base, lo, *args, fn=qwen_image_velocity)
+        return jnp.mean(jnp.square(v) * jnp.arange(v.shape[-1])), v
+
+    (_, vs), gs = jax.jit(jax.value_and_grad(lambda lo: loss(graphdef, lo), has_aux=True))(lora)
+    (_, vl), gl = jax.jit(jax.value_and_grad(lambda lo: loss(loop_def, lo), has_aux=True))(lora)
+    assert np.abs(np.asarray(vs)).max() > 0.1
+    _close(vs, vl)
+    gflat_s, gflat_l = L.lora_to_flat(gs), L.lora_to_flat(gl)
+    assert set(gflat_s) == set(gflat_l) and "transformer_blocks.2.attn.add_k_proj.lora_b" in gflat_s
+    for k in gflat_s:
+        if not k.startswith("transformer_blocks.2.attn.to_add_out") and not k.startswith(
+                "transformer_blocks.2.attn.add_q_proj"):  # the last block's text output feeds nothing
+            assert np.abs(np.asarray(gflat_l[k])).max() > 0, k  # every layer's LoRA gets a gradient
+        _close(gflat_s[k], gflat_l[k])
 
 
 def test_stacked_layout_and_per_layer_keys():

@@ -45,6 +45,14 @@ LAYERS = "layers"  # logical axis name of the stacked dimension (replicated: see
 DEPTH = "stacked_depth"  # variable metadata: number of path entries after the stacked module
 log = logging.getLogger(__name__)
 
+# Config name -> ``jax.checkpoint`` policy for ``run(..., remat_policy=...)`` (shared by the models' configs).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 def stack(make_block: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module | None:
     """``num`` blocks ``make_block(rngs_i)`` (independent random init) as one module with stacked variables.

@@ -39,12 +39,7 @@ from edit_r1_jax.models import scan
 from edit_r1_jax.models.lora import Linear, LoRAConfig
 from edit_r1_jax.parallel import rules
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_POLICIES = scan.REMAT_POLICIES
 
 _DIFFUSERS_FIELDS = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
                      "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",

@@ -12,8 +12,10 @@ M-RoPE positions of generated tokens continue from the prompt's largest position
 (transformers' ``rope_deltas``: position = cumsum(mask) - 1 + max + 1 - n_valid = max + 1 + t).
 
 The layers are run by ``decode_layer`` (one layer, any number of query positions, reading and writing that
-layer's cache slice) inside a single Python loop in ``run_layers``; under a scan over stacked layers that loop
-becomes ``lax.scan(lambda x, (layer, k, v): decode_layer(...), x, (layers, cache_k, cache_v))``.
+layer's cache slice); ``run_layers`` runs all of them as one ``lax.scan`` over the stacked layer state (the model's
+``text_config.scan_layers``; models/scan.py) with the caches as scanned inputs/outputs, ``lax.scan(lambda x,
+(layer, k, v): decode_layer(...), x, (layers, cache_k, cache_v))``, so prefill and the decode step each compile one
+layer instead of ``num_hidden_layers``. ``scan_layers=False``: a python loop over the same stacked layers.
 The submodules (q/k/v/o projections, norms, MLP) and the rope helpers are the prefill model's own, so the
 parameters are shared with the reward and the parity of those pieces carries over.
 """
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from edit_r1_jax.models import scan
 from edit_r1_jax.models.attention import attention
 from edit_r1_jax.models.qwen2_5_vl.language import mrope_cos_sin
 from edit_r1_jax.models.qwen2_5_vl.layers import apply_rope
@@ -89,12 +92,37 @@ def decode_layer(layer, x, cos, sin, cache_k, cache_v, write_pos, mask):
     return rules.constrain(x, ("batch", "length", "act_embed")), cache_k, cache_v
 
 
-def run_layers(text_model, x, cos, sin, cache_k, cache_v, write_pos, mask):
-    """Every decoder layer in order; caches [layers, B, S, kv_heads, head_dim]. Returns (normed x, caches)."""
-    for i, layer in enumerate(text_model.layers):
-        x, k_i, v_i = decode_layer(layer, x, cos, sin, cache_k[i], cache_v[i], write_pos, mask)
-        cache_k = cache_k.at[i].set(k_i)
-        cache_v = cache_v.at[i].set(v_i)
+def run_layers(text_model, x, cos, sin, cache_k, cache_v, write_pos, mask, *, use_scan: bool | None = None):
+    """Every decoder layer in order; caches [layers, B, S, kv_heads, head_dim]. Returns (normed x, caches).
+
+    ``use_scan`` (default ``text_config.scan_layers``): one ``lax.scan`` over the stacked layers, each layer's
+    cache slice a scanned input and its updated slice a scanned output; False: a python loop. cos/sin, the mask
+    and ``write_pos`` are the same for every layer (closure)."""
+    layers = text_model.layers
+    if use_scan is None:
+        use_scan = text_model.config.scan_layers
+    if layers is None:
+        return text_model.norm(x), cache_k, cache_v
+    if cache_k.shape[0] != len(layers):
+        raise ValueError(f"KV cache has {cache_k.shape[0]} layers, the model {len(layers)}")
+    # the stacked layer state is split once: every layer is merged from its slice, nothing is written back
+    graphdef, stacked, rest = nnx.split(layers, lambda path, v: scan.is_stacked(v), ...)
+
+    def one(x, layer_state, k_i, v_i):
+        layer = nnx.merge(graphdef, layer_state, rest)
+        return decode_layer(layer, x, cos, sin, k_i, v_i, write_pos, mask)
+
+    if use_scan:
+        def body(x, inp):
+            x, k_i, v_i = one(x, *inp)
+            return x, (k_i, v_i)
+
+        x, (cache_k, cache_v) = jax.lax.scan(body, x, (stacked, cache_k, cache_v))
+    else:
+        for i in range(len(layers)):
+            x, k_i, v_i = one(x, jax.tree.map(lambda a, i=i: a[i], stacked), cache_k[i], cache_v[i])
+            cache_k = cache_k.at[i].set(k_i)
+            cache_v = cache_v.at[i].set(v_i)
     return text_model.norm(x), cache_k, cache_v
 
 

@@ -5,9 +5,11 @@ Parameter paths mirror the diffusers module names (``img_in``, ``txt_norm.scale`
 ``...attn.to_out.0``, ``...attn.add_q_proj``, ``...attn.norm_added_k.scale``, ``...img_mlp.net.0.proj``,
 ``...txt_mlp.net.2``, ``norm_out.linear``, ``proj_out``); Linear weights are ``kernel [in, out]`` + ``bias``.
 
-Every one of the ``num_layers`` dual-stream blocks has the same structure, and the whole block loop lives in
-``QwenImageTransformer._blocks`` (one place to swap for a scan over stacked parameters). A block's forward is
-``block(img, txt, temb, rope, mask, modulate_index)``.
+The ``num_layers`` identical dual-stream blocks are stacked in memory (``transformer_blocks.attn.to_q.kernel
+[60, in, out]``, LoRA likewise) and run under ``jax.lax.scan`` (models/scan.py; ``scan_layers=False``: a python loop
+over the same stacked parameters); checkpoints and exported LoRA keep the per-layer keys above, the loaders stack at
+load. A block's forward is ``block(img, txt, temb, rope, mask, modulate_index)``; everything but img/txt (timestep
+embedding, RoPE tables, mask, ``modulate_index``) is the same for every block and reaches it by closure.
 
 Conditioning as diffusers does it:
 * ``timestep`` is sigma in [0, 1] (the pipeline passes ``t / 1000``); the sinusoidal features use scale 1000 inside.
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from edit_r1_jax.models import scan
 from edit_r1_jax.models.attention import attention
 from edit_r1_jax.models.lora import Linear, LoRAConfig
 from edit_r1_jax.parallel import rules
@@ -44,12 +47,7 @@ from edit_r1_jax.parallel import rules
 __all__ = ["QwenImageConfig", "QwenImageTransformer", "QwenImageTransformerBlock", "rope_tables",
            "qwen_image_velocity", "REMAT_POLICIES"]
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_POLICIES = scan.REMAT_POLICIES
 
 _DIFFUSERS_FIELDS = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
                      "num_attention_heads", "joint_attention_dim", "guidance_embeds", "axes_dims_rope",
@@ -77,6 +75,9 @@ class QwenImageConfig:
     remat_policy: str = "none"
     attention_impl: str | None = None
     lora: LoRAConfig | None = None
+    # The blocks run under jax.lax.scan over stacked parameters (models/scan.py: one compiled block instead of
+    # num_layers). False: the same stacked parameters in a python loop (reference for tests and benchmarks).
+    scan_layers: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -336,54 +337,43 @@ class QwenImageTransformerBlock(nnx.Module):
         return img.astype(dt), txt.astype(dt)
 
 
-def _remat(fn, policy):
-    """Per-block rematerialisation: ``jax.checkpoint`` over the block's split state (``nnx.remat`` would write
-    variables back into a module merged inside ``jax.grad``, as in ``lora.apply``)."""
-
-    def wrapped(block, *args):
-        graphdef, state = nnx.split(block)
-
-        def pure(state, *args):
-            return fn(nnx.merge(graphdef, state), *args)
-
-        return jax.checkpoint(pure, policy=policy, prevent_cse=True)(state, *args)
-
-    return wrapped
-
-
 class QwenImageTransformer(nnx.Module):
     def __init__(self, cfg: QwenImageConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         d = cfg.inner_dim
 
-        def mk(i, o, axes, path, dtype=None):
-            return Linear(i, o, axes=axes, dtype=cfg.dtype if dtype is None else dtype,
-                          param_dtype=cfg.param_dtype, path=path, lora=cfg.lora, rngs=rngs)
+        def linears(rngs):
+            def mk(i, o, axes, path, dtype=None):
+                return Linear(i, o, axes=axes, dtype=cfg.dtype if dtype is None else dtype,
+                              param_dtype=cfg.param_dtype, path=path, lora=cfg.lora, rngs=rngs)
+            return mk
+
+        mk = linears(rngs)
 
         self.img_in = mk(cfg.in_channels, d, (None, "embed"), "img_in")
         self.txt_norm = RMSNorm(cfg.joint_attention_dim, param_dtype=cfg.param_dtype)
         self.txt_in = mk(cfg.joint_attention_dim, d, (None, "embed"), "txt_in")
         self.time_text_embed = TimeTextEmbed(cfg, mk, rngs)
-        self.transformer_blocks = nnx.List(
-            [QwenImageTransformerBlock(cfg, mk, f"transformer_blocks.{i}") for i in range(cfg.num_layers)])
+        # Stacked: transformer_blocks.<rest> [L, ...] <-> checkpoint keys transformer_blocks.{i}.<rest>; the
+        # LoRA target path of a stacked layer carries "*" for the index (lora.lora_targeted).
+        self.transformer_blocks = scan.stack(
+            lambda r: QwenImageTransformerBlock(cfg, linears(r), "transformer_blocks.*"), cfg.num_layers, rngs)
         self.norm_out = _LinearHolder()
         self.norm_out.linear = mk(d, 2 * d, ("embed", None), "norm_out.linear")
         self.proj_out = mk(d, cfg.out_dim, ("embed", None), "proj_out")
 
     def _blocks(self, img, txt, temb, rope, mask, modulate_index):
-        """The block loop (the one place to replace with a scan over stacked block parameters)."""
+        """All blocks, scanned (or looped, ``scan_layers=False``) over the stacked parameters with per-block remat
+        (``remat_policy``); only (img, txt) is carried, the rest is shared by every block (closure)."""
         cfg = self.config
 
-        def run(block, img, txt, temb, rope, mask, modulate_index):
-            return block(img, txt, temb, rope, mask, modulate_index)
+        def block_fn(block, carry, _):
+            img, txt = block(carry[0], carry[1], temb, rope, mask, modulate_index)
+            return (rules.constrain(img, ("batch", "length", "act_embed")),
+                    rules.constrain(txt, ("batch", "length", "act_embed")))
 
-        if cfg.remat_policy != "none":
-            run = _remat(run, REMAT_POLICIES[cfg.remat_policy])
-        for block in self.transformer_blocks:
-            img, txt = run(block, img, txt, temb, rope, mask, modulate_index)
-            img = rules.constrain(img, ("batch", "length", "act_embed"))
-            txt = rules.constrain(txt, ("batch", "length", "act_embed"))
-        return img, txt
+        return scan.run(self.transformer_blocks, (img, txt), block_fn,
+                        remat_policy=REMAT_POLICIES[cfg.remat_policy], use_scan=cfg.scan_layers)
 
     def __call__(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_ids, txt_ids,
                  *, num_target_tokens: int | None = None, additional_t_cond=None):
