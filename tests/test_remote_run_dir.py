@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+from edit_r1_jax import checkpoint as ckpt_lib
 from edit_r1_jax import train
 
 pytestmark = pytest.mark.slow
@@ -52,18 +53,18 @@ def test_gs_run_dir_checkpoints_and_resumes(gcs_bucket, tmp_path, monkeypatch):
     first = train.run(c, max_epochs=1)
     assert int(first["state"]["step"]) == 1
     root = epath.Path(run)
-    assert [p.name for p in (root / "checkpoints").iterdir() if p.name.isdigit()] == ["0"]
+    assert [p.name for p in (root / "checkpoints").iterdir()] == [ckpt_lib.step_name(1)]  # named by epochs done
     assert (root / "warm_base" / "params.safetensors").exists()
-    assert (root / "lora" / "step_0000001" / "lora.safetensors").exists()
-    assert json.loads((root / "lora" / "step_0000001" / "config.json").read_text())["lora"]["rank"] == 4
+    assert (root / "lora" / ckpt_lib.step_name(1) / "lora.safetensors").exists()
+    assert json.loads((root / "lora" / ckpt_lib.step_name(1) / "config.json").read_text())["lora"]["rank"] == 4
     assert any(p.name.startswith("events.out") for p in (root / "tensorboard").iterdir())
-    assert (root / "samples" / "train_000000.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / "samples" / "train_000001.png").read_bytes()[:4] == b"\x89PNG"
     assert len((root / "metrics.jsonl").read_text().splitlines()) >= 1
     assert not os.path.exists("gs:") and not os.path.exists(os.path.join(tmp_path, "gs:"))
 
     resumed = train.run(c)  # num_epochs=2: resumes after epoch 0 from the bucket
     assert int(resumed["state"]["step"]) == 2
-    steps = sorted(int(p.name) for p in (root / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [0, 1]
+    steps = sorted(p.name for p in (root / "checkpoints").iterdir())
+    assert steps == [ckpt_lib.step_name(1), ckpt_lib.step_name(2)]
     lines = [json.loads(x) for x in (root / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines if "epoch" in x] == [0, 1]  # the first run's line kept, the second added
+    assert [x["step"] for x in lines if "optimizer_step" in x] == [1, 2]  # the first run's line kept, the second added
