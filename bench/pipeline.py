@@ -31,7 +31,7 @@ def main(epochs: int = 4):
         c.log.update(image_every=0, tensorboard=False, progress=False, sync_phase_times=sync)
         c.checkpoint.every = 10**6
         train.run(c)
-        lines = [json.loads(x) for x in open(os.path.join(c.run_dir, "metrics.jsonl")) if '"epoch"' in x][1:]
+        lines = [json.loads(x) for x in open(os.path.join(c.run_dir, "metrics.jsonl")) if '"optimizer_step"' in x][1:]
         phases = sorted({k for x in lines for k in x if k.startswith("time/")})
         mean = {k: round(sum(x.get(k, 0.0) for x in lines) / len(lines), 4) for k in phases}
         print(json.dumps({"sync_phase_times": sync, "epochs_measured": len(lines), **mean,
