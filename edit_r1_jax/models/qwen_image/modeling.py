@@ -41,6 +41,7 @@ from flax import nnx
 
 from edit_r1_jax.models import scan
 from edit_r1_jax.models.attention import attention
+from edit_r1_jax.models.flux.modeling import RMSNorm, _layer_norm  # the same float32-statistics norms
 from edit_r1_jax.models.lora import Linear, LoRAConfig
 from edit_r1_jax.parallel import rules
 
@@ -122,25 +123,6 @@ class QwenImageConfig:
 
 # ---------------------------------------------------------------------------------------------------------
 # Small building blocks.
-
-
-def _layer_norm(x, eps=1e-6):
-    """LayerNorm without affine parameters, statistics in float32, result in x.dtype."""
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
-        self.eps = eps
-        self.scale = rules.param(jnp.ones((dim,), param_dtype), ("norm",))
-
-    def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class _NoParams(nnx.Module):
