@@ -53,7 +53,7 @@ def build_dit(args, mesh, abstract: bool = False, scan_layers: bool = True) -> S
     import numpy as np
     from flax import nnx
 
-    from edit_r1_jax import engine
+    from edit_r1_jax import editors, engine
     from edit_r1_jax.diffusion import latents, schedule
     from edit_r1_jax.models import lora as L
     from edit_r1_jax.models.flux.modeling import FluxConfig, FluxTransformer
@@ -83,7 +83,8 @@ def build_dit(args, mesh, abstract: bool = False, scan_layers: bool = True) -> S
     t0 = time.perf_counter()
     base, lora = jax.eval_shape(init_fn) if abstract else jax.block_until_ready(init_fn())
     init_s = time.perf_counter() - t0
-    policy = engine.Policy(graphdef, latents.kontext_ids(grid, grid), latents.text_ids(t), 2.5, (n, 64))
+    policy = engine.Policy(graphdef, editors.get("kontext").velocity, latents.kontext_ids(grid, grid),
+                           latents.text_ids(t), 2.5, (n, 64))
     c = SimpleNamespace(train=SimpleNamespace(max_grad_norm=1.0, learning_rate=3e-4, adam_b1=0.9, adam_b2=0.999,
                                               adam_eps=1e-8, weight_decay=1e-4))
     tx = engine.make_optimizer(c)

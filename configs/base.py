@@ -12,7 +12,9 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 
 def get_config(variant: str = "") -> ConfigDict:
     c = ConfigDict()
-    c.task = "kontext"  # "kontext" (FLUX.1-Kontext + VAE + text cache) or "toy" (pixel-space shapes task)
+    # a model family of edit_r1_jax.editors ("kontext": FLUX.1-Kontext, "qwen_image_edit": Qwen-Image-Edit-2509)
+    # or "toy" (pixel-space shapes task)
+    c.task = "kontext"
     c.seed = 42
     c.run_dir = "runs/kontext"
     c.num_epochs = 100000
@@ -24,7 +26,7 @@ def get_config(variant: str = "") -> ConfigDict:
     c.distributed = ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))  # empty: from env / auto
 
     c.model = ConfigDict()
-    c.model.dir = ""  # converted FLUX.1-Kontext pipeline (python -m tools.convert_weights kontext ...)
+    c.model.dir = ""  # converted folder of c.task's family (tools.convert_weights kontext / qwen-image-edit)
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "bfloat16"  # frozen base weights; LoRA stays float32
     c.model.remat_policy = "dots_with_no_batch_dims_saveable"
@@ -37,7 +39,8 @@ def get_config(variant: str = "") -> ConfigDict:
     # repeated (prompt, image) rows
     c.data = ConfigDict(dict(root="", resolution=512, text_cache=True, allow_outside_root=False,
                              on_duplicate="error"))
-    c.text = ConfigDict(dict(t5_length=128, clip_length=77))
+    # Kontext: T5 / CLIP token lengths; Qwen-Image-Edit: prompt-embedding tokens after the template (spec G: 256)
+    c.text = ConfigDict(dict(t5_length=128, clip_length=77, max_length=256))
 
     c.sample = ConfigDict()
     c.sample.num_steps = 6

@@ -88,7 +88,10 @@ def validate(c: ConfigDict, num_processes: int = 1, data_parallel: int = 1) -> d
             errors.append(f"{name}={value} must be >= {lo}" + (" (-1 = the latest step)"
                                                                if name == "checkpoint.restore_step" else ""))
     need(c.data.on_duplicate in ("error", "warn"), f"data.on_duplicate={c.data.on_duplicate!r}: 'error' or 'warn'")
-    need(c.task in ("kontext", "toy"), f"task={c.task!r}: must be 'kontext' or 'toy'")
+    from edit_r1_jax import editors
+
+    tasks = ("toy",) + editors.names()
+    need(c.task in tasks, f"task={c.task!r}: one of {', '.join(tasks)} (a model family of edit_r1_jax.editors)")
     for name in ("group_size", "groups_per_batch", "num_batches_per_epoch", "num_steps", "rollout_batch_size"):
         need(int(s[name]) >= 1, f"sample.{name}={s[name]} must be >= 1")
     for name in ("micro_batch_size", "steps_per_epoch"):
@@ -136,8 +139,8 @@ def validate(c: ConfigDict, num_processes: int = 1, data_parallel: int = 1) -> d
          f"sample.rollout_batch_size={s.rollout_batch_size} must be divisible by the process count {num_processes}")
     # eval.num_samples and eval.batch_size are free: evaluate() pads a batch to the batch shards with masked rows
     need(int(c.eval.batch_size) >= 1, f"eval.batch_size={c.eval.batch_size} must be >= 1")
-    if c.task == "kontext":
-        need(bool(c.model.dir), "model.dir is empty: point it at a converted FLUX.1-Kontext directory")
+    if c.task != "toy":
+        need(bool(c.model.dir), f"model.dir is empty: point it at a converted {c.task} directory")
         need(bool(c.data.root), "data.root is empty: point it at a dataset folder (spec F)")
         if "mllm" in c.reward.weights:
             need(bool(c.reward.mllm_dir), "reward.mllm_dir is empty but reward.weights names 'mllm'")

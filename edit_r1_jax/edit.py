@@ -1,4 +1,4 @@
-"""Edit one image with FLUX.1-Kontext.
+"""Edit one image with a converted FLUX.1-Kontext or Qwen-Image-Edit folder (the family is read from the folder).
 
     python -m edit_r1_jax.edit --model CONVERTED_DIR --image in.png --instruction "make the sky red" --out out.png \
         [--steps 28] [--guidance 2.5] [--seed 0] [--lora FILE_OR_DIR] [--resolution 512]
@@ -33,17 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m edit_r1_jax.edit", description=__doc__,
                                  formatter_class=_HelpFormatter)
     ap.add_argument("--model", required=True,
-                    help="converted Kontext folder (python -m tools.convert_weights kontext); checked for "
-                         "transformer/, vae/ and both text encoders before loading")
+                    help="converted editor folder (python -m tools.convert_weights kontext | qwen-image-edit); "
+                         "its family is detected and its components checked before loading")
     ap.add_argument("--image", required=True, help="source image (at least 16x16; cropped to a square)")
     ap.add_argument("--instruction", required=True, help="editing instruction (non-empty)")
     ap.add_argument("--out", required=True, help="output image path (format from the extension, e.g. .png)")
     ap.add_argument("--steps", type=int, default=28, help="Euler denoising steps")
-    ap.add_argument("--guidance", type=float, default=2.5, help="FLUX guidance embedding value")
+    ap.add_argument("--guidance", type=float, default=2.5,
+                    help="FLUX guidance embedding value (Qwen-Image-Edit has none: ignored)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     ap.add_argument("--lora", default=None, help="LoRA .safetensors (ours or PEFT/diffusers) or a folder with one")
     ap.add_argument("--resolution", type=int, default=512, help="output side in pixels (a multiple of 16)")
-    ap.add_argument("--t5-length", type=int, default=128, help="T5 tokens per instruction (longer is truncated)")
+    ap.add_argument("--t5-length", type=int, default=128,
+                    help="Kontext: T5 tokens per instruction (longer is truncated)")
+    ap.add_argument("--max-length", type=int, default=256,
+                    help="Qwen-Image-Edit: prompt-embedding tokens after the template (longer is truncated)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return ap
 
@@ -75,19 +79,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e))
     except (ImageLoadError, ValueError) as e:
         return _fail(str(e))
-    from edit_r1_jax.folders import FolderError, check_kontext_dir
+    from edit_r1_jax import editors
+    from edit_r1_jax.folders import FolderError
 
     try:
-        check_kontext_dir(args.model, "--model")
+        family = editors.detect(args.model, "--model")
+        family.check_dir(args.model, "--model")
     except FolderError as e:
         return _fail(str(e))
     if args.lora is not None and not Path(args.lora).exists():
         return _fail(f"--lora {args.lora}: file or folder not found")
 
-    from edit_r1_jax.pipeline import KontextEditor
+    from edit_r1_jax.pipeline import Editor
 
+    log.info("model %s: %s", args.model, family.name)
     try:
-        editor = KontextEditor.from_pretrained(args.model, lora=args.lora, t5_length=args.t5_length)
+        editor = Editor.from_pretrained(args.model, lora=args.lora, t5_length=args.t5_length,
+                                        max_length=args.max_length, family=family)
         editor.token_grid(args.resolution)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,35 +19,41 @@ import optax
 
 from edit_r1_jax.diffusion import rollout as rollout_lib
 from edit_r1_jax.models import lora as lora_lib
-from edit_r1_jax.models.flux.modeling import kontext_velocity
 from edit_r1_jax.nft import loss as nft_loss
 from edit_r1_jax.nft import policies
 
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """Static description of the DiT call: graph, position ids and guidance. Hashable: a jit static arg."""
+    """Static description of the DiT call: graph, the model family's velocity function, position ids and
+    guidance. Hashable: a jit static arg.
+
+    ``call(model, z, sigma, cond, img_ids, txt_ids, guidance) -> v`` is a module-level function of the model
+    family (``edit_r1_jax.editors``): it knows which entries ``cond`` holds (Kontext: ref/text/pooled,
+    Qwen-Image-Edit: ref/text/mask); nothing here does."""
 
     graphdef: Any
+    call: Callable
     img_ids: Any  # np [N + Nr, 3]
     txt_ids: Any  # np [T, 3]
     guidance: float | None
     latent_shape: tuple[int, int]  # (N, C) of the generated tokens
 
     def __hash__(self):
-        return hash((self.graphdef, self.guidance, self.latent_shape, self.img_ids.tobytes(), self.txt_ids.tobytes()))
+        return hash((self.graphdef, self.call, self.guidance, self.latent_shape, self.img_ids.tobytes(),
+                     self.txt_ids.tobytes()))
 
     def __eq__(self, other):
-        return (isinstance(other, Policy) and self.graphdef == other.graphdef and self.guidance == other.guidance
-                and self.latent_shape == other.latent_shape and np.array_equal(self.img_ids, other.img_ids)
-                and np.array_equal(self.txt_ids, other.txt_ids))
+        return (isinstance(other, Policy) and self.graphdef == other.graphdef and self.call == other.call
+                and self.guidance == other.guidance and self.latent_shape == other.latent_shape
+                and np.array_equal(self.img_ids, other.img_ids) and np.array_equal(self.txt_ids, other.txt_ids))
 
     def velocity(self, base, lora, z, sigma, cond):
-        """v(z, sigma | cond) under base + ``lora`` (None = reference). cond: {"ref", "text", "pooled"}."""
+        """v(z, sigma | cond) under base + ``lora`` (None = reference), float32."""
         b = z.shape[0]
         guidance = None if self.guidance is None else jnp.full((b,), self.guidance, jnp.float32)
-        v = lora_lib.apply(self.graphdef, base, lora, z, cond["ref"], cond["text"], cond["pooled"], sigma,
-                           jnp.asarray(self.img_ids), jnp.asarray(self.txt_ids), guidance, fn=kontext_velocity)
+        v = lora_lib.apply(self.graphdef, base, lora, z, sigma, cond, jnp.asarray(self.img_ids),
+                           jnp.asarray(self.txt_ids), guidance, fn=self.call)
         return v.astype(jnp.float32)
 
 

@@ -12,8 +12,9 @@ soon as it is judged; 3. write OUT/summary.json, OUT/table.md and OUT/chart.png.
 skips rows already edited and rows already judged (ok or unparsed); rows that failed (missing image, ...) are
 tried again. OUT/run.json pins the settings: resuming with different ones is refused.
 
-The editor sees the source centre-cropped to a square and resized to --resolution (the Kontext editor here
-edits squares); the judge sees that same square source and the edited image.
+The editor (FLUX.1-Kontext or Qwen-Image-Edit, detected from --model) sees the source centre-cropped to a square
+and resized to --resolution (the editors here edit squares); the judge sees that same square source and the
+edited image.
 """
 
 from __future__ import annotations
@@ -223,14 +224,10 @@ def edit_rows(rows: Sequence[bm.Row], run: RunDir, opts: dict, errors: dict, mes
     log.info("edit phase: %d of %d rows to edit (%d already on disk)", len(todo), len(rows), len(rows) - len(todo))
     if not todo:
         return
-    from edit_r1_jax.pipeline import KontextEditor
+    from edit_r1_jax.pipeline import Editor
 
-    model_dir = Path(opts["model"])
-    if not (model_dir / "transformer").is_dir():
-        raise FileNotFoundError(f"{model_dir} is not a converted Kontext directory (no transformer/); the "
-                                f"evaluation edits with FLUX.1-Kontext (python -m tools.convert_weights kontext)")
-    editor = KontextEditor.from_pretrained(model_dir, lora=opts["lora"], t5_length=opts["t5_length"],
-                                           mesh=mesh)
+    editor = Editor.from_pretrained(Path(opts["model"]), lora=opts["lora"], t5_length=opts["t5_length"], mesh=mesh)
+    log.info("edit phase: %s model %s", editor.family.name, opts["model"])
     if editor.mesh is not None:
         log.info("edit phase: DiT on mesh %s, each batch padded to a multiple of %d", dict(editor.mesh.shape),
                  editor.batch_multiple)

@@ -170,13 +170,14 @@ def flux_config(config):
 
 
 @functools.lru_cache(maxsize=8)
-def dit_leaves(cfg) -> tuple[list[Leaf], list[Leaf]]:
-    """(base leaves, LoRA leaves) of the FLUX transformer for ``cfg`` (a FluxConfig), from eval_shape."""
-    from edit_r1_jax.models.flux.modeling import FluxTransformer
+def dit_leaves(cfg, family=None) -> tuple[list[Leaf], list[Leaf]]:
+    """(base leaves, LoRA leaves) of the family's transformer for ``cfg`` (default: FLUX), from eval_shape."""
+    from edit_r1_jax import editors
     from edit_r1_jax.models.lora import LoRAParam
 
+    family = family or editors.get("kontext")
     with _fast_tracing():
-        model = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
+        model = family.abstract_transformer(cfg)
     lora = _leaves(model, LoRAParam)
     base = _leaves(model, nnx.Not(LoRAParam))
     return base, lora

@@ -5,14 +5,15 @@ A task gives the loop:
   init_lora()            the initial LoRA pytree theta (A gaussian, B zero)
   sigmas_train/_eval     rollout and evaluation schedules
   num_train_rows         rows the group sampler draws from (row id = group id)
-  inputs(rows, split)    host arrays for this host's rows (source image, text embeddings)
-  encode(inputs)         jitted: global inputs -> conditioning {"ref", "text", "pooled"}
+  inputs(rows, split)    host arrays for this host's rows (source image, text conditioning)
+  encode(inputs)         jitted: global inputs -> conditioning {"ref", <the family's text entries>}
   decode(x0)             jitted: final latents -> images [B, H, W, 3] in [0, 1] (global, on the mesh)
   reward(rows, inputs, images, index, split) -> (total [B], per-reward {name: [B]}, valid [B])
                          on the GLOBAL batch: rows/index are all B rows (numpy, the same on every process),
                          inputs/images the global arrays; the results are numpy, the same on every process
-Two tasks: "toy" (pixel-space shapes editing, CPU demo) and "kontext" (FLUX.1-Kontext with VAE, text cache and
-MLLM reward).
+Two kinds: "toy" (pixel-space shapes editing, CPU demo) and EditTask, the paper's task for any model family of
+``edit_r1_jax.editors`` (``config.task`` names the family: "kontext", "qwen_image_edit"): a jsonl dataset, the
+family's VAE and text conditioning (from the cache or on the fly) and the MLLM reward.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from edit_r1_jax import engine, runpath, weights
+from edit_r1_jax import editors, engine, runpath, weights
+from edit_r1_jax.data import source as data_source
 from edit_r1_jax.data import toy
+from edit_r1_jax.data.images import to_model_range
 from edit_r1_jax.diffusion import latents, schedule
 from edit_r1_jax.models import lora as lora_lib
 from edit_r1_jax.models.flux.modeling import FluxConfig, FluxTransformer
@@ -45,9 +48,7 @@ log = logging.getLogger(__name__)
 def build(c, mesh, run_dir: Path, writer):
     if c.task == "toy":
         return ToyTask(c, mesh, run_dir, writer)
-    from edit_r1_jax.kontext_task import KontextTask
-
-    return KontextTask(c, mesh, run_dir, writer)
+    return EditTask(c, mesh, run_dir, writer)
 
 
 def lora_config(c) -> lora_lib.LoRAConfig:
@@ -122,7 +123,8 @@ class ToyTask(Task):
         model = FluxTransformer(cfg, rngs=nnx.Rngs(c.seed))
         graphdef, base, lora = split_on_mesh(model, mesh)
         self.lora_init = lora
-        self.policy = engine.Policy(graphdef, latents.kontext_ids(self.res // 2, self.res // 2),
+        self.policy = engine.Policy(graphdef, editors.get("kontext").velocity,
+                                    latents.kontext_ids(self.res // 2, self.res // 2),
                                     latents.text_ids(int(t.text_length)), None, (tokens, 12))
         self.base = self._warm_start(base, epath.Path(run_dir) / "warm_base", writer)
         self.sigmas_train = schedule.sigmas(int(c.sample.num_steps), tokens)
@@ -202,6 +204,112 @@ class ToyTask(Task):
     def eval_extra_metrics(self, rewards) -> dict[str, float]:
         return {"eval/success_rate": float(np.nanmean(rewards >= self.c.toy.success_threshold))}
 
+
+
+class EditTask(Task):
+    """The paper's task for the model family ``config.task`` (spec A, D, F, G).
+
+    The DiT base is loaded straight onto the mesh (each host reads its shards), LoRA adapters added; the VAE is
+    replicated; the text conditioning comes from the cache (``python -m edit_r1_jax.embed_text``), so the text
+    encoder never occupies accelerator memory during training, or from the family's encoder on the fly when
+    ``data.text_cache`` is False. The MLLM reward runs in-process, sharded on the same mesh.
+    """
+
+    def __init__(self, c, mesh, run_dir: Path, writer):
+        del run_dir, writer
+        self.c, self.mesh = c, mesh
+        self.family = family = editors.get(c.task)
+        model_dir = Path(c.model.dir)
+        res = int(c.data.resolution)
+        # grain random-access datasets: the group sampler picks row ids, grain decodes and crops those rows
+        self.sources, self.rows = {}, {}
+        for split in ("train", "test"):
+            self.sources[split], self.rows[split] = data_source.make_dataset(
+                c.data.root, split, res, allow_outside_root=bool(c.data.allow_outside_root),
+                on_duplicate=str(c.data.on_duplicate))
+        self.num_train_rows = len(self.rows["train"])
+        cfg, graphdef, self.base, self.lora_init = family.load_transformer(
+            model_dir, mesh=mesh, seed=int(c.seed), dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+            remat_policy=c.model.remat_policy, attention_impl=c.model.attention_impl or None, lora=lora_config(c))
+        vae = family.load_vae(model_dir, dtype=c.model.dtype, mesh=mesh)
+        self.vae_graph, self.vae_state = nnx.split(vae)
+        self.grid = family.grid(vae.cfg, res)
+        tokens = self.grid[0] * self.grid[1]
+        self.policy = family.policy(graphdef, cfg, vae.cfg, res, c.text, float(c.sample.guidance))
+        sched = family.scheduler_config(model_dir)
+        self.sigmas_train = family.sigmas(sched, int(c.sample.num_steps), tokens)
+        self.sigmas_eval = family.sigmas(sched, int(c.eval.num_steps), tokens)
+        reg = reward_registry.Registry()
+        for name in reward_registry.default_registry.names():
+            reg.register(name, reward_registry.default_registry.get(name))
+        mllm = None
+        if "mllm" in c.reward.weights:
+            from edit_r1_jax.rewards.mllm import MLLMReward
+
+            mllm = MLLMReward(c.reward.mllm_dir, mesh=mesh, jpeg=bool(c.reward.jpeg_roundtrip),
+                              batch_size=int(c.reward.batch_size),
+                              prompt_template=c.reward.get("prompt_template") or None)
+            reg.register("mllm", lambda b: mllm(b["source"], b["image"], b["prompt"], b["requirement"]))
+        self.reward_fn = reg.combine(dict(c.reward.weights), c.reward.on_error)
+        if c.data.text_cache:
+            from edit_r1_jax.embed_text import TextCache
+
+            self.text = {s: TextCache(c.data.root, s, model_dir, family=family, text_cfg=c.text)
+                         for s in ("train", "test")}
+            self.conditioner = None
+        else:
+            self.conditioner = family.conditioner(model_dir, c.text, mesh=mesh, shared=_shared_encoder(mllm, model_dir))
+
+    def init_lora(self):
+        return self.lora_init
+
+    def inputs(self, rows, split: str = "train") -> dict[str, np.ndarray]:
+        items = [self.sources[split][int(r)] for r in rows]
+        prompts = [it["prompt"] for it in items]
+        images = np.stack([it["image"] for it in items])
+        cond = (self.text[split].lookup(prompts, images) if self.conditioner is None
+                else self.conditioner(prompts, images))
+        return {"source": to_model_range(images).astype(np.float32), **cond}
+
+    def encode(self, inputs):
+        cond = {k: v for k, v in inputs.items() if k != "source"}
+        return {"ref": editors.encode_reference(self.vae_graph, self.vae_state, inputs["source"]), **cond}
+
+    def decode(self, x0):
+        return editors.decode_latents(self.vae_graph, self.grid[0], self.grid[1], self.vae_state, x0)
+
+    def reward(self, rows, inputs, images, index, split: str = "train"):
+        """The global batch: ``images`` and ``inputs`` global arrays on the mesh (straight into the MLLM's
+        on-device preprocessing), ``rows`` all of its rows, so every process builds the same prompts."""
+        items = [self.rows[split][int(r)] for r in rows]
+        batch = {"image": images, "source": _to_unit(inputs["source"]), "prompt": [r.prompt for r in items],
+                 "requirement": [r.requirement for r in items], "index": np.asarray(index)}
+        return self._score(batch, rows, split)
+
+    def caption(self, row, split: str = "train") -> str:
+        return self.rows[split][int(row)].prompt
+
+    def eval_rows(self, n: int) -> np.ndarray:
+        return np.arange(min(n, len(self.rows["test"])))
+
+    def eval_extra_metrics(self, rewards) -> dict[str, float]:
+        return {}
+
+
+def _shared_encoder(mllm, model_dir: Path):
+    """The reward's loaded Qwen2.5-VL when it is the same checkpoint as the family's text encoder (one copy of
+    the weights on the devices), else None."""
+    if mllm is None or not (model_dir / "text_encoder").is_dir():
+        return None
+    if Path(mllm.model_dir).resolve() != (model_dir / "text_encoder").resolve():
+        return None
+    log.info("text encoder %s is the reward model: one copy of its weights", model_dir / "text_encoder")
+    return mllm.model
+
+
+@jax.jit
+def _to_unit(source):
+    return (source + 1) / 2
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from edit_r1_jax import checkpoint as ckpt_lib
 from edit_r1_jax import config as config_lib
-from edit_r1_jax import engine, runpath, tasks, weights
+from edit_r1_jax import editors, engine, runpath, tasks, weights
 from edit_r1_jax import metrics as metrics_lib
 from edit_r1_jax.data.groups import GroupSampler
 from edit_r1_jax.data.prefetch import Prefetcher
@@ -168,7 +168,7 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
 def run_identity(c, num_train_rows: int) -> dict[str, Any]:
     """What is stored with every checkpoint to recognise the run: the resolved config and the dataset."""
     dataset: dict[str, Any] = {"num_train_rows": int(num_train_rows)}
-    if c.task == "kontext":
+    if c.task != "toy":
         meta = Path(c.data.root) / "train_metadata.jsonl"
         dataset["train_metadata_sha256"] = hashlib.sha256(meta.read_bytes()).hexdigest()
         dataset["root"] = str(Path(c.data.root).resolve())
@@ -242,13 +242,11 @@ def plan_line(c, mesh, done_before: int) -> str:
     from edit_r1_jax import plan as plan_lib
 
     if c.task == "toy":
-        cfg = tasks.toy_flux_config(c)
+        family, cfg = editors.get("kontext"), tasks.toy_flux_config(c)
     else:  # the converted checkpoint's own config: a tiny test model is counted as what it is
-        from edit_r1_jax.models.flux.modeling import FluxConfig
-
-        cfg = FluxConfig.from_diffusers(weights.read_config(Path(c.model.dir) / "transformer"),
-                                        lora=tasks.lora_config(c))
-    base, lora = plan_lib.dit_leaves(cfg)
+        family = editors.get(c.task)
+        cfg = family.transformer_config(c.model.dir, lora=tasks.lora_config(c))
+    base, lora = plan_lib.dit_leaves(cfg, family)
     n_base, n_lora = sum(leaf.size for leaf in base), sum(leaf.size for leaf in lora)
     backend = jax.default_backend()
     devices = f"{jax.device_count()} {backend} device{'s' if jax.device_count() > 1 else ''}"
@@ -487,10 +485,14 @@ def dry_run(c) -> dict[str, Any]:
         report.update(train_rows=int(c.toy.num_train_rows), test_rows=int(c.toy.num_test_rows),
                       model=dict(c.model.dit))
     else:
-        folders.check_kontext_dir(c.model.dir, "model.dir", text_encoders=not c.data.text_cache)
+        family = editors.get(c.task)
+        family.check_dir(c.model.dir, "model.dir", text_encoders=not c.data.text_cache)
+        found = editors.detect(c.model.dir, "model.dir")
+        if found is not family:
+            raise folders.FolderError(f"model.dir {c.model.dir} holds a {found.name} model but task={c.task!r}")
         dit = weights.read_config(Path(c.model.dir) / "transformer")
         report["model"] = {k: dit.get(k) for k in ("num_layers", "num_single_layers", "num_attention_heads",
-                                                   "attention_head_dim")}
+                                                   "attention_head_dim") if k in dit}
         for split in ("train", "test"):
             rows = data_source.read_metadata(c.data.root, split, allow_outside_root=bool(c.data.allow_outside_root),
                                              on_duplicate=str(c.data.on_duplicate))
@@ -498,7 +500,8 @@ def dry_run(c) -> dict[str, Any]:
             if c.data.text_cache:
                 from edit_r1_jax.embed_text import TextCache
 
-                TextCache(c.data.root, split, c.model.dir)  # exists and matches the encoders; reads no rows
+                # exists and matches the encoders and the config's text settings; reads no rows
+                TextCache(c.data.root, split, c.model.dir, family=family, text_cfg=c.text)
         if "mllm" in c.reward.weights:
             folders.check_qwen_dir(c.reward.mllm_dir, "reward.mllm_dir")
     report["epochs"] = int(c.num_epochs)

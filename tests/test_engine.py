@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from edit_r1_jax import engine
+from edit_r1_jax import editors, engine
 from edit_r1_jax.diffusion import latents, schedule
 from edit_r1_jax.models import lora as lora_lib
 from edit_r1_jax.models.flux.modeling import FluxConfig, FluxTransformer
@@ -39,8 +39,8 @@ def setup():
                      guidance_embeds=False, lora=lcfg)
     graphdef, base, lora0 = lora_lib.split_policy(FluxTransformer(cfg, rngs=nnx.Rngs(0)))
     tokens = (RES // 2) ** 2
-    policy = engine.Policy(graphdef, latents.kontext_ids(RES // 2, RES // 2), latents.text_ids(TEXT), None,
-                           (tokens, 12))
+    policy = engine.Policy(graphdef, editors.get("kontext").velocity, latents.kontext_ids(RES // 2, RES // 2),
+                           latents.text_ids(TEXT), None, (tokens, 12))
     # B = 0 at init: perturb every LoRA leaf so that theta, theta_old and the EMA differ from each other and
     # from the LoRA-off reference.
     theta, theta_old, ema = (_perturbed(lora0, s, 0.3) for s in (1, 2, 3))

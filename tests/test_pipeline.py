@@ -13,7 +13,7 @@ from PIL import Image
 from diffusers import FluxKontextPipeline
 
 from edit_r1_jax.diffusion import latents as L
-from edit_r1_jax.pipeline import KontextEditor, euler_scan
+from edit_r1_jax.pipeline import KontextEditor
 from kontext_tiny import RESOLUTION, T5_LENGTH, save_and_convert
 
 
@@ -113,15 +113,6 @@ def test_edit_matches_diffusers_with_prompt_embeds(converted, editor):
     other = editor.edit(pixels, prompt_embeds=embeds, pooled=pooled, num_steps=STEPS, guidance=5.0,
                         noise=packed.numpy())
     assert np.abs(other - ours).max() > 1e-4
-
-
-def test_euler_scan_is_euler():
-    sig = np.array([1.0, 0.7, 0.3, 0.0])
-    z = euler_scan(lambda z, s: z * s + 1.0, np.full((2,), 2.0, np.float32), sig)
-    expect = np.full((2,), 2.0)
-    for s, t in zip(sig[:-1], sig[1:]):
-        expect = expect + (t - s) * (expect * s + 1.0)
-    np.testing.assert_allclose(np.asarray(z), expect, rtol=1e-6)
 
 
 def test_noise_and_ids_shapes(editor):

@@ -60,7 +60,9 @@ def test_build_lookup_update_and_stale(tmp_path, model_dir):
     assert len(cache) == 2 and "make the sky red" in cache
     enc = TextEncoders.from_pretrained(model_dir, t5_length=T5_LENGTH)
     prompts = ["turn the cat into a dog", "make the sky red"]
-    e, p = cache.lookup(prompts)
+    got = cache.lookup(prompts)
+    assert set(got) == {"text", "pooled"}  # the Kontext family's conditioning entries
+    e, p = got["text"], got["pooled"]
     re_, rp = enc.encode(prompts)
     assert e.shape == (2, T5_LENGTH, 32) and p.shape == (2, 16)
     np.testing.assert_array_equal(e, re_)  # float32 storage: bit-exact
@@ -73,8 +75,8 @@ def test_build_lookup_update_and_stale(tmp_path, model_dir):
     assert main(args) == 0
     cache2 = TextCache(data, "train")
     assert len(cache2) == 3
-    np.testing.assert_array_equal(cache2.lookup(prompts)[0], e)
-    np.testing.assert_array_equal(cache2.lookup(["add a hat"])[1], enc.encode(["add a hat"])[1])
+    np.testing.assert_array_equal(cache2.lookup(prompts)["text"], e)
+    np.testing.assert_array_equal(cache2.lookup(["add a hat"])["pooled"], enc.encode(["add a hat"])[1])
 
     # a copy of dataset + model (every file gets a new mtime, as a bucket sync to a worker does) stays valid
     import shutil
@@ -86,7 +88,7 @@ def test_build_lookup_update_and_stale(tmp_path, model_dir):
         os.utime(f, ns=(0, 10**18))
     copied = TextCache(data_copy, "train", model_dir=model_copy)
     assert copied.fingerprint == cache2.fingerprint
-    np.testing.assert_array_equal(copied.lookup(prompts)[0], e)
+    np.testing.assert_array_equal(copied.lookup(prompts)["text"], e)
 
     # a changed encoder (one weight of the copy changed, same size and header) is detected
     params = model_copy / "text_encoder" / "params.safetensors"

@@ -1,0 +1,163 @@
+"""FLUX.1-Kontext (spec A): FLUX DiT over [noisy; reference] tokens, FLUX AutoencoderKL, T5 + CLIP text.
+
+Converted folder (``python -m tools.convert_weights kontext``): transformer/, vae/, text_encoder/ (CLIP-L),
+text_encoder_2/ (T5), scheduler/scheduler_config.json. ``cond``: ref [B, Nr, 64], text [B, T5, 4096] (T5 hidden
+states), pooled [B, 768] (CLIP pooled). Position ids: generated tokens on index 0, reference on index 1, text 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from edit_r1_jax.diffusion import latents, schedule
+from edit_r1_jax.editors.base import Conditioner, Family
+
+
+def _field(cfg, name, default):
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+class ScheduleConfig(dict):
+    """The scheduler fields the sigma schedule needs (defaults: FLUX's scheduler_config.json)."""
+
+    DEFAULTS = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+
+    def __init__(self, d: dict | None = None):
+        super().__init__(self.DEFAULTS)
+        if d:
+            self.update({k: d[k] for k in self.DEFAULTS if k in d and d[k] is not None})
+            if d.get("use_dynamic_shifting") is False:
+                raise ValueError("scheduler config has use_dynamic_shifting=false; FLUX uses the dynamic shift")
+            if d.get("time_shift_type", "exponential") != "exponential":
+                raise ValueError(f"unsupported time_shift_type {d.get('time_shift_type')!r}")
+
+    def sigmas(self, num_steps: int, image_seq_len: int) -> np.ndarray:
+        return schedule.sigmas(num_steps, image_seq_len, self["base_image_seq_len"], self["max_image_seq_len"],
+                               self["base_shift"], self["max_shift"])
+
+
+class KontextConditioner(Conditioner):
+    """T5 hidden states + CLIP pooled embedding of the instruction (the image plays no part)."""
+
+    names = ("text", "pooled")
+    uses_image = False
+
+    def __init__(self, encoders, model_dir, t5_length: int, clip_length: int, compute_dtype: str = "float32"):
+        self.encoders, self.model_dir = encoders, Path(model_dir)
+        self.t5_length, self.clip_length, self.compute_dtype = int(t5_length), int(clip_length), compute_dtype
+
+    def fingerprint(self) -> str:
+        from edit_r1_jax.embed_text import encoder_fingerprint
+
+        return encoder_fingerprint(self.model_dir, self.t5_length, self.clip_length, self.compute_dtype)
+
+    def settings(self):
+        return {"t5_length": self.t5_length, "clip_length": self.clip_length, "compute_dtype": self.compute_dtype}
+
+    def __call__(self, prompts, images=None, batch_size: int = 8):
+        e, p = self.encoders.encode(list(prompts), batch_size=batch_size)
+        return {"text": np.asarray(e, np.float32), "pooled": np.asarray(p, np.float32)}
+
+
+class Kontext(Family):
+    name = "kontext"
+    convert_hint = "python -m tools.convert_weights kontext --src PIPELINE_DIR --dst DIR"
+    cond_names = KontextConditioner.names
+
+    def detect(self, model_dir: Path) -> bool:
+        """A FLUX transformer config, or the T5 encoder (only this family has one; a text-cache-only folder)."""
+        f = Path(model_dir) / "transformer" / "config.json"
+        if f.exists():
+            return "num_single_layers" in json.loads(f.read_text())
+        return (Path(model_dir) / "text_encoder_2" / "config.json").exists()
+
+    def check_dir(self, model_dir, what="--model", *, text_encoders=True):
+        from edit_r1_jax.folders import check_kontext_dir
+
+        return check_kontext_dir(model_dir, what, text_encoders=text_encoders)
+
+    def transformer_config(self, model_dir, **overrides):
+        from edit_r1_jax.models.flux.modeling import FluxConfig
+        from edit_r1_jax.weights import read_config
+
+        return FluxConfig.from_diffusers(read_config(Path(model_dir) / "transformer"), **overrides)
+
+    def load_transformer(self, model_dir, *, mesh=None, seed=0, **overrides):
+        from edit_r1_jax.models.flux import params
+
+        return params.load_transformer(Path(model_dir) / "transformer", mesh=mesh, seed=seed, **overrides)
+
+    def abstract_transformer(self, cfg):
+        from flax import nnx
+
+        from edit_r1_jax.models.flux.modeling import FluxTransformer
+
+        return nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
+
+    @staticmethod
+    def velocity(model, z, sigma, cond, img_ids, txt_ids, guidance):
+        from edit_r1_jax.models.flux.modeling import kontext_velocity
+
+        return kontext_velocity(model, z, cond["ref"], cond["text"], cond["pooled"], sigma, img_ids, txt_ids,
+                                guidance)
+
+    def vae_config(self, model_dir, **overrides):
+        from edit_r1_jax.models.flux import autoencoder_params
+        from edit_r1_jax.weights import read_config
+
+        return autoencoder_params.config_from_dict(read_config(Path(model_dir) / "vae"), **overrides)
+
+    def abstract_vae(self, cfg):
+        from edit_r1_jax.models.flux import autoencoder_params
+
+        return autoencoder_params.abstract_state(cfg)
+
+    def _load_vae(self, vae_dir, dtype, shardings):
+        from edit_r1_jax.models.flux.autoencoder_params import load_vae
+
+        return load_vae(vae_dir, dtype=dtype, shardings=shardings)
+
+    def latent_channels(self, vae_cfg) -> int:
+        return int(vae_cfg.latent_channels)
+
+    def position_ids(self, grid, text_length, cfg=None):
+        return latents.kontext_ids(*grid), latents.text_ids(int(text_length))
+
+    def text_length(self, text_cfg) -> int:
+        return int(_field(text_cfg, "t5_length", 128))
+
+    def scheduler_config(self, model_dir) -> dict:
+        f = Path(model_dir) / "scheduler" / "scheduler_config.json"
+        return ScheduleConfig(json.loads(f.read_text()) if f.exists() else None)
+
+    def sigmas(self, scheduler_config, num_steps, image_tokens):
+        return ScheduleConfig(dict(scheduler_config)).sigmas(int(num_steps), int(image_tokens))
+
+    def guidance(self, cfg, value):
+        return None if value is None or not cfg.guidance_embeds else float(value)
+
+    def conditioner(self, model_dir, text_cfg, *, dtype=jnp.float32, mesh=None, shared=None):
+        from edit_r1_jax.models.text.encoders import TextEncoders
+
+        del mesh, shared  # T5-XXL + CLIP run on the default device (see the README's known limits)
+        t5, clip = self.text_length(text_cfg), int(_field(text_cfg, "clip_length", 77))
+        enc = TextEncoders.from_pretrained(model_dir, t5_length=t5, clip_length=clip, dtype=dtype)
+        return KontextConditioner(enc, model_dir, t5, clip, jnp.dtype(dtype).name)
+
+    def conditioner_fingerprint(self, model_dir, text_cfg, compute_dtype="float32"):
+        from edit_r1_jax.embed_text import encoder_fingerprint
+
+        return encoder_fingerprint(model_dir, self.text_length(text_cfg), int(_field(text_cfg, "clip_length", 77)),
+                                   compute_dtype)
+
+
+FAMILY = Kontext()
