@@ -89,8 +89,10 @@ def reward_case(args, mesh, scan_layers):
     length = -(-(2 * num_image_tokens(grid, pcfg.merge_size) + 100) // 64) * 64
     digit_ids = tuple(range(15, 21))  # "0".."5" in the Qwen2.5 vocabulary (shared/ENVIRONMENT.md)
     sds = jax.ShapeDtypeStruct
+    # ids, mask, 3-D positions, last index, take (this micro-batch's rows of the image batch), source, edited
     args_ = (sds((b, length), np.int32), sds((b, length), np.int32), sds((3, b, length), np.int32),
-             sds((b,), np.int32), sds((b, size, size, 3), np.float32), sds((b, size, size, 3), np.float32))
+             sds((b,), np.int32), sds((b,), np.int32), sds((b, size, size, 3), np.float32),
+             sds((b, size, size, 3), np.float32))
     with jax.set_mesh(mesh):
         out = _compile(lambda: _score_fn.lower(graphdef, pcfg, digit_ids, True, grid, grid, state, *args_))
     out["prompt_length"] = length

@@ -157,4 +157,17 @@ def test_cli_bad_model_dir(tmp_path, capsys):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "in.png")
     (tmp_path / "empty").mkdir()
     rc = _run(tmp_path / "empty", tmp_path / "in.png", tmp_path / "o.png")
-    assert rc == 2 and "converted Kontext directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # one line naming the folder and how to make one of either family
+    assert rc == 2 and "not a converted editor folder" in err and str(tmp_path / "empty") in err, err
+    assert "convert_weights kontext" in err and "convert_weights qwen-image-edit" in err, err
+    # a Kontext folder with its VAE missing: the family's own check names the component
+    import shutil
+
+    shutil.copytree(tmp_path / "empty", tmp_path / "half")
+    (tmp_path / "half" / "transformer").mkdir()
+    (tmp_path / "half" / "transformer" / "config.json").write_text('{"num_single_layers": 1}')
+    (tmp_path / "half" / "transformer" / "params.safetensors").write_bytes(b"")
+    rc = _run(tmp_path / "half", tmp_path / "in.png", tmp_path / "o.png")
+    err = capsys.readouterr().err
+    assert rc == 2 and "vae" in err and "converted Kontext directory" in err, err
