@@ -44,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -56,27 +55,19 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 STD_THRES = 2.75e-3
 MARGIN = 5e-4
 A_MAX = 5.0  # train.adv_clip_max of configs/kontext_mllm.py
-PROMPTS = ["make the sky red", "turn the cat into a dog", "add a hat", "remove the tree"]
 
 
 @pytest.fixture(scope="session")
 def kontext_fixtures(tmp_path_factory):
+    from edit_dataset import write_dataset
     from edit_r1_jax.embed_text import build_cache
     from kontext_tiny import RESOLUTION, T5_LENGTH, save_and_convert
     from qwen_fixtures import convert_cli, qwen_tokenizer_dir, save_tiny_checkpoint
 
     tmp = tmp_path_factory.mktemp("kontext_mp")
     _, model_dir = save_and_convert(tmp)
-    data = tmp / "data"
-    rng = np.random.default_rng(0)
-    (data / "images").mkdir(parents=True)
-    for split, n in (("train", 8), ("test", 2)):
-        lines = []
-        for i in range(n):
-            path = f"images/{split}_{i}.png"
-            Image.fromarray(rng.integers(0, 255, (80, 96, 3), np.uint8)).save(data / path)
-            lines.append(json.dumps({"prompt": PROMPTS[i % 4], "image": path, "requirement": "keep the rest"}))
-        (data / f"{split}_metadata.jsonl").write_text("\n".join(lines) + "\n")
+    data = write_dataset(tmp / "data", (("train", 8), ("test", 2)))
+    for split in ("train", "test"):
         build_cache(model_dir, data, split, t5_length=T5_LENGTH)
     tok = qwen_tokenizer_dir(tmp_path_factory.getbasetemp())
     save_tiny_checkpoint(tmp / "qwen_hf", tok)

@@ -1,39 +1,23 @@
 """The paper's path end to end on tiny random models: converted Kontext pipeline + text cache + Qwen2.5-VL
 reward, one epoch of the real trainer (configs/kontext_mllm.py with tiny sizes)."""
 
-import json
-
 import numpy as np
 import pytest
-from PIL import Image
 
 from configs import kontext_mllm
 from edit_r1_jax import train
 from edit_r1_jax.embed_text import build_cache
+from edit_dataset import write_dataset
 from kontext_tiny import RESOLUTION, T5_LENGTH, save_and_convert
 from qwen_fixtures import convert_cli, qwen_tokenizer_dir, save_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["make the sky red", "turn the cat into a dog", "add a hat", "remove the tree"]
-
-
-def _dataset(root):
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    for split, n in (("train", 4), ("test", 2)):
-        lines = []
-        for i in range(n):
-            path = f"images/{split}_{i}.png"
-            Image.fromarray(rng.integers(0, 255, (80, 96, 3), np.uint8)).save(root / path)  # non-square: cropped
-            lines.append(json.dumps({"prompt": PROMPTS[i], "image": path, "requirement": "keep the rest"}))
-        (root / f"{split}_metadata.jsonl").write_text("\n".join(lines) + "\n")
-
 
 def test_kontext_mllm_epoch(tmp_path, tmp_path_factory):
     _, model_dir = save_and_convert(tmp_path)
     data = tmp_path / "data"
-    _dataset(data)
+    write_dataset(data)
     for split in ("train", "test"):
         build_cache(model_dir, data, split, t5_length=T5_LENGTH)
     tok = qwen_tokenizer_dir(tmp_path_factory.getbasetemp())

@@ -1,0 +1,73 @@
+"""Qwen-Image-Edit trained by the same NFT loop: the tiny converted QwenImageEditPlusPipeline, its Qwen2.5-VL prompt
+embeddings in the text cache (keyed by instruction and image), the tiny Qwen2.5-VL reward, one epoch of the real
+trainer on configs/qwen_image_edit_mllm.py with tiny sizes."""
+
+import numpy as np
+import pytest
+
+from configs import qwen_image_edit_mllm
+from edit_dataset import write_dataset
+from edit_r1_jax import editors, train
+from edit_r1_jax.embed_text import TextCache, build_cache
+from qwen_fixtures import convert_cli, save_tiny_checkpoint
+from qwen_image_tiny import RESOLUTION, save_and_convert, tokenizer_dir
+
+pytestmark = pytest.mark.slow
+
+MAX_LENGTH = 256  # the paper's length: the 384^2 condition image alone is ~190 tokens of the tiny VLM
+
+
+def test_qwen_image_edit_epoch(tmp_path, tmp_path_factory):
+    tok = tokenizer_dir(tmp_path_factory)
+    _, _, model_dir = save_and_convert(tmp_path, tok)
+    assert editors.detect(model_dir).name == "qwen_image_edit"
+    data = write_dataset(tmp_path / "data")
+    for split in ("train", "test"):
+        build_cache(model_dir, data, split, max_length=MAX_LENGTH, resolution=RESOLUTION)
+    # the cache holds what the family's encoder computes on the fly for the same rows (data.text_cache=False)
+    from edit_r1_jax.data import source as data_source
+
+    family = editors.get("qwen_image_edit")
+    cond = family.conditioner(model_dir, {"max_length": MAX_LENGTH})
+    ds, _ = data_source.make_dataset(data, "train", RESOLUTION)
+    items = [ds[i] for i in range(len(ds))]
+    prompts, images = [it["prompt"] for it in items], np.stack([it["image"] for it in items])
+    cached = TextCache(data, "train", model_dir, text_cfg={"max_length": MAX_LENGTH}).lookup(prompts, images)
+    fresh = cond(prompts, images)
+    assert cached["text"].shape == (len(items), MAX_LENGTH, cached["text"].shape[-1])
+    np.testing.assert_array_equal(cached["mask"], fresh["mask"])
+    np.testing.assert_array_equal(cached["text"], fresh["text"])  # float32 storage: bit-exact
+    assert 0 < cached["mask"].sum(1).min() and cached["mask"].sum(1).max() < MAX_LENGTH  # real tokens, then padding
+
+    save_tiny_checkpoint(tmp_path / "qwen_hf", tok)
+    qwen = convert_cli(tmp_path / "qwen_hf", tmp_path / "qwen")
+    c = qwen_image_edit_mllm.get_config()
+    c.run_dir = str(tmp_path / "run")
+    c.model.update(dir=str(model_dir), dtype="float32", param_dtype="float32", remat_policy="none")
+    c.data.update(root=str(data), resolution=RESOLUTION)
+    c.text.max_length = MAX_LENGTH
+    c.reward.mllm_dir = str(qwen)
+    c.lora.rank = 4
+    c.sample.update(num_steps=3, group_size=2, groups_per_batch=2, num_batches_per_epoch=1, rollout_batch_size=4)
+    c.train.micro_batch_size = 2
+    c.eval.update(every=1, num_steps=2, num_samples=2, batch_size=2)
+    c.log.update(tensorboard=False, progress=False, image_every=1)
+    c.num_epochs = 1
+    out = train.run(c)
+    m = out["last"]
+    assert 0.0 <= m["reward/mllm"] <= 1.0
+    assert np.isfinite(m["train/policy_loss"]) and np.isfinite(m["train/grad_norm"])
+    assert m["train/grad_norm"] > 0  # the LoRA got a gradient through the whole Qwen-Image-Edit path
+    # B starts at zero: after the optimizer step the adapters moved (theta), and theta_old followed (spec B.8)
+    b_leaves = lambda t: [np.asarray(x) for p, x in jax_leaves(t) if p.endswith("lora_b")]  # noqa: E731
+    assert max(np.abs(b).max() for b in b_leaves(out["state"]["theta"])) > 0
+    assert max(np.abs(b).max() for b in b_leaves(out["state"]["theta_old"])) > 0
+    assert 0.0 <= out["eval"][0]["eval/reward_mean"] <= 1.0
+    assert list((tmp_path / "run" / "samples").glob("eval_*.png"))
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [(jax.tree_util.keystr(p, simple=True, separator="."), x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
