@@ -80,14 +80,14 @@ def build_pipeline(tok_dir: Path, seed: int = 0):
     return pipe
 
 
-def save_pipeline(pipe, src: Path, tok_dir: Path) -> Path:
+def save_pipeline(pipe, src: Path) -> Path:
     """``save_pretrained`` plus the processor folder. Qwen2VLProcessor needs torchvision to be built, so its folder
     is written by parts (tokenizer + image processor) and model_index.json names it as the hub's does."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+    from transformers import Qwen2VLImageProcessor
 
     pipe.save_pretrained(src)
     (src / "processor").mkdir()
-    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(src / "processor")
+    pipe.tokenizer.save_pretrained(src / "processor")
     Qwen2VLImageProcessor().save_pretrained(src / "processor")
     index = json.loads((src / "model_index.json").read_text())
     index["processor"] = ["transformers", "Qwen2VLProcessor"]
@@ -100,7 +100,7 @@ def save_and_convert(tmp: Path, tok_dir: Path, seed: int = 0):
     from tools.convert_weights.__main__ import main as convert_main
 
     pipe = build_pipeline(tok_dir, seed)
-    src = save_pipeline(pipe, Path(tmp) / "pipe", tok_dir)
+    src = save_pipeline(pipe, Path(tmp) / "pipe")
     dst = Path(tmp) / "out"
     assert convert_main(["qwen-image-edit", "--src", str(src), "--dst", str(dst)]) == 0
     return pipe, src, dst
