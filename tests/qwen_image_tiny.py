@@ -67,8 +67,8 @@ def build_pipeline(tok_dir: Path, seed: int = 0):
         for p in transformer.parameters():
             if p.ndim == 2:
                 p.copy_(torch.randn_like(p) * 2.0 / p.shape[1] ** 0.5)
-        for p in [*transformer.parameters(), *vae.parameters()]:
-            if torch.all(p == 1):  # norm scales (RMSNorm weight, the VAE's gamma)
+        for p in [*transformer.parameters(), *vae.parameters(), *text_encoder.parameters()]:
+            if torch.all(p == 1):  # norm scales (RMSNorm weights, the VAE's gamma)
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif not torch.any(p):  # zero-initialised biases
                 p.copy_(0.05 * torch.randn_like(p))
