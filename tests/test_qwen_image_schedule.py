@@ -11,19 +11,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from edit_r1_jax import weights
 from edit_r1_jax.diffusion import qwen_image as Q
+from qwen_image_tiny import PUBLISHED_SCHEDULER as PUBLISHED  # the hub's scheduler_config.json
+from qwen_image_tiny import save_and_convert
 from tools.convert_weights.__main__ import main as convert_main
-
-# The published Qwen-Image-Edit-2509 scheduler/scheduler_config.json (values as on the hub).
-PUBLISHED = {
-    "base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 8192,
-    "max_shift": 0.9, "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02,
-    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
-    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
-}
 
 
 def diffusers_sigmas(config, steps, image_seq_len):
@@ -89,37 +82,13 @@ def test_img_shapes_and_positions():
 
 def test_convert_whole_edit_pipeline(tmp_path, tmp_path_factory):
     """qwen-image-edit on a saved tiny QwenImageEditPlusPipeline folder: every component converted and loadable."""
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
-                           QwenImageTransformer2DModel)
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
-
     from edit_r1_jax.models.qwen2_5_vl.params import load_model as load_vl
     from edit_r1_jax.models.qwen_image.params import load_transformer, load_vae
-    from qwen_fixtures import qwen_tokenizer_dir, tiny_hf_config
+    from qwen_image_tiny import tokenizer_dir
 
-    torch.manual_seed(0)
-    tok_dir = qwen_tokenizer_dir(tmp_path_factory.getbasetemp().parent / "qwen_cache")
-    te = Qwen2_5_VLForConditionalGeneration(tiny_hf_config()).eval()
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
-                                              attention_head_dim=16, num_attention_heads=2,
-                                              joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
-                                 latents_mean=[0.1, 0.2, 0.3, 0.4], latents_std=[1.0, 2.0, 3.0, 4.0])
-    pipe = QwenImageEditPlusPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(PUBLISHED), vae=vae,
-                                     text_encoder=te, tokenizer=AutoTokenizer.from_pretrained(tok_dir),
-                                     processor=None, transformer=transformer)
-    src = tmp_path / "pipe"
-    pipe.save_pretrained(src)
-    # Qwen2VLProcessor needs torchvision to be built, so its folder is written by parts: tokenizer + image processor.
-    (src / "processor").mkdir()
-    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(src / "processor")
-    Qwen2VLImageProcessor().save_pretrained(src / "processor")
+    pipe, src, dst = save_and_convert(tmp_path, tokenizer_dir(tmp_path_factory))
+    transformer, te = pipe.transformer, pipe.text_encoder
     index = json.loads((src / "model_index.json").read_text())
-    index["processor"] = ["transformers", "Qwen2VLProcessor"]
-    (src / "model_index.json").write_text(json.dumps(index))
-
-    dst = tmp_path / "out"
-    convert_main(["qwen-image-edit", "--src", str(src), "--dst", str(dst)])
     for sub in ("transformer", "vae", "text_encoder"):
         assert (dst / sub / weights.PARAMS_FILE).exists(), sub
     assert (dst / "text_encoder" / "tokenizer.json").exists()  # the text encoder is loadable on its own
