@@ -10,6 +10,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # Compiled programs are reused across tests and xdist workers (the trainer tests compile the same tiny
 # programs several times: straight run, stop, resume). Only speeds things up; results are unchanged.
+# The environment variables carry the same cache into the subprocesses the CLI, multi-device and multi-process
+# tests start (they inherit os.environ; jax reads these at start-up).
 _cache = os.environ.get("EDIT_R1_TEST_COMPILE_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_cache))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_cache))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -189,3 +189,25 @@ def lora_from_flat(flat: dict[str, Any], template):
     where the template is); checks keys and shapes, the error names them."""
     return scan.stack_flat(flat, template, what="LoRA state",
                            cast=lambda value, ref: jnp.asarray(value, dtype=jnp.float32))
+
+
+def load_policy_model(model_cls, cfg, model_dir, *, mesh=None, seed: int = 0):
+    """A converted transformer as ``(graphdef, base_state, lora_state)`` ready for :func:`apply`.
+
+    Base weights are read slice by slice onto ``mesh`` (sharded by their logical axes; default: first device); LoRA
+    parameters are initialised (A gaussian, B zero) by a jitted init that creates them directly with their
+    shardings (the unused base initialisers are dead code under jit). Without ``cfg.lora`` the LoRA state is empty.
+    """
+    from edit_r1_jax import weights
+
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_base, abstract_lora = split_policy(abstract)
+    base_sh = None if mesh is None else rules.state_shardings(abstract_base, mesh)
+    base = weights.load_state(model_dir, abstract_base, base_sh)
+
+    def init_lora():
+        return nnx.split(model_cls(cfg, rngs=nnx.Rngs(seed)), LoRAParam, ...)[1]
+
+    if mesh is None:
+        return graphdef, base, jax.jit(init_lora)()
+    return graphdef, base, jax.jit(init_lora, out_shardings=rules.state_shardings(abstract_lora, mesh))()

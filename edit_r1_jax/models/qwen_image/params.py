@@ -73,31 +73,13 @@ def load_transformer(model_dir, *, mesh=None, seed: int = 0, **config_overrides)
     """Converted checkpoint -> ``(config, graphdef, base_state, lora_state)`` ready for ``lora.apply``.
 
     ``config_overrides`` go to ``QwenImageConfig.from_diffusers`` (``dtype``, ``param_dtype``, ``remat_policy``,
-    ``attention_impl``, ``lora=LoRAConfig(...)``). Base weights are read slice by slice onto ``mesh`` (sharded by
-    their logical axes; default: first device); LoRA parameters are initialised (A gaussian, B zero) by a jitted
-    init that creates them directly with their shardings. Without ``lora`` the LoRA state is empty.
-    """
-    import jax
-
+    ``attention_impl``, ``lora=LoRAConfig(...)``); loading as ``lora.load_policy_model``."""
     from edit_r1_jax import weights
     from edit_r1_jax.models import lora as lora_lib
     from edit_r1_jax.models.qwen_image.modeling import QwenImageConfig, QwenImageTransformer
-    from edit_r1_jax.parallel import rules
 
     cfg = QwenImageConfig.from_diffusers(weights.read_config(model_dir), **config_overrides)
-    abstract = nnx.eval_shape(lambda: QwenImageTransformer(cfg, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_base, abstract_lora = lora_lib.split_policy(abstract)
-    base_sh = None if mesh is None else rules.state_shardings(abstract_base, mesh)
-    base = weights.load_state(model_dir, abstract_base, base_sh)
-
-    def init_lora():
-        return nnx.split(QwenImageTransformer(cfg, rngs=nnx.Rngs(seed)), lora_lib.LoRAParam, ...)[1]
-
-    if mesh is None:
-        lora_state = jax.jit(init_lora)()
-    else:
-        lora_state = jax.jit(init_lora, out_shardings=rules.state_shardings(abstract_lora, mesh))()
-    return cfg, graphdef, base, lora_state
+    return (cfg, *lora_lib.load_policy_model(QwenImageTransformer, cfg, model_dir, mesh=mesh, seed=seed))
 
 
 def load_vae(model_dir: str | Path, dtype=jnp.float32, param_dtype=jnp.float32, shardings=None):
