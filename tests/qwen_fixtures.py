@@ -90,20 +90,60 @@ def tiny_hf_config(vocab_size: int = VOCAB_SIZE, tie: bool = False, **over):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **over)
 
 
-def save_tiny_checkpoint(dst: Path, tokenizer_dir: Path | None, seed: int = 0, tie: bool = False, **over):
-    """Random tiny Qwen2_5_VLForConditionalGeneration saved with save_pretrained (+ tokenizer files)."""
+def randomize(model):
+    """Default init leaves norms at 1 and biases at 0: randomise them so parity tests see them."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tie=tie, **over)).eval()
-    # Default init leaves norms at 1 and biases at 0: randomise them so the parity test sees them.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_q" in name:
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 and not name.endswith("bias") else 0.0))
             else:  # std 0.1 instead of 0.02: images visibly move the tiny model's last-token logits
                 p.mul_(5.0)
+    return model
+
+
+def save_tiny_edit_pipeline(dst: Path, tokenizer_dir: Path, *, text_encoder=None, scheduler_config=None,
+                            seed: int = 0):
+    """A tiny QwenImageEditPlusPipeline saved with save_pretrained (what ``qwen-image-edit`` converts); returns
+    the pipeline (its ``processor`` is None). Qwen2VLProcessor needs torchvision to be built, so its folder is
+    written by parts: the tokenizer and the image processor, and model_index.json names it."""
+    import torch
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    torch.manual_seed(seed)
+    te = text_encoder if text_encoder is not None else Qwen2_5_VLForConditionalGeneration(tiny_hf_config()).eval()
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2,
+                                              joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+    # attn_scales=[]: a non-empty one fails to encode in diffusers 0.42.1 (ENVIRONMENT.md)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                                 latents_mean=[0.1, 0.2, 0.3, 0.4], latents_std=[1.0, 2.0, 3.0, 4.0])
+    sched = (FlowMatchEulerDiscreteScheduler() if scheduler_config is None
+             else FlowMatchEulerDiscreteScheduler.from_config(scheduler_config))
+    pipe = QwenImageEditPlusPipeline(scheduler=sched, vae=vae, text_encoder=te,
+                                     tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir), processor=None,
+                                     transformer=transformer)
+    dst = Path(dst)
+    pipe.save_pretrained(dst)
+    (dst / "processor").mkdir()
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(dst / "processor")
+    Qwen2VLImageProcessor().save_pretrained(dst / "processor")
+    index = json.loads((dst / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (dst / "model_index.json").write_text(json.dumps(index))
+    return pipe
+
+
+def save_tiny_checkpoint(dst: Path, tokenizer_dir: Path | None, seed: int = 0, tie: bool = False, **over):
+    """Random tiny Qwen2_5_VLForConditionalGeneration saved with save_pretrained (+ tokenizer files)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = randomize(Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tie=tie, **over)).eval())
     model.save_pretrained(dst)
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():

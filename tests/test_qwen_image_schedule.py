@@ -11,7 +11,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from edit_r1_jax import weights
 from edit_r1_jax.diffusion import qwen_image as Q
@@ -89,34 +88,15 @@ def test_img_shapes_and_positions():
 
 def test_convert_whole_edit_pipeline(tmp_path, tmp_path_factory):
     """qwen-image-edit on a saved tiny QwenImageEditPlusPipeline folder: every component converted and loadable."""
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
-                           QwenImageTransformer2DModel)
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
-
     from edit_r1_jax.models.qwen2_5_vl.params import load_model as load_vl
     from edit_r1_jax.models.qwen_image.params import load_transformer, load_vae
-    from qwen_fixtures import qwen_tokenizer_dir, tiny_hf_config
+    from qwen_fixtures import qwen_tokenizer_dir, save_tiny_edit_pipeline
 
-    torch.manual_seed(0)
     tok_dir = qwen_tokenizer_dir(tmp_path_factory.getbasetemp().parent / "qwen_cache")
-    te = Qwen2_5_VLForConditionalGeneration(tiny_hf_config()).eval()
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
-                                              attention_head_dim=16, num_attention_heads=2,
-                                              joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
-                                 latents_mean=[0.1, 0.2, 0.3, 0.4], latents_std=[1.0, 2.0, 3.0, 4.0])
-    pipe = QwenImageEditPlusPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(PUBLISHED), vae=vae,
-                                     text_encoder=te, tokenizer=AutoTokenizer.from_pretrained(tok_dir),
-                                     processor=None, transformer=transformer)
     src = tmp_path / "pipe"
-    pipe.save_pretrained(src)
-    # Qwen2VLProcessor needs torchvision to be built, so its folder is written by parts: tokenizer + image processor.
-    (src / "processor").mkdir()
-    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(src / "processor")
-    Qwen2VLImageProcessor().save_pretrained(src / "processor")
+    pipe = save_tiny_edit_pipeline(src, tok_dir, scheduler_config=PUBLISHED)
+    te, transformer = pipe.text_encoder, pipe.transformer
     index = json.loads((src / "model_index.json").read_text())
-    index["processor"] = ["transformers", "Qwen2VLProcessor"]
-    (src / "model_index.json").write_text(json.dumps(index))
 
     dst = tmp_path / "out"
     convert_main(["qwen-image-edit", "--src", str(src), "--dst", str(dst)])
