@@ -128,8 +128,8 @@ def save_tiny_edit_pipeline(dst: Path, tokenizer_dir: Path, *, text_encoder=None
                                      transformer=transformer)
     dst = Path(dst)
     pipe.save_pretrained(dst)
-    (dst / "processor").mkdir()
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(dst / "processor")
+    # the processor's tokenizer is the same tokenizer: copy its saved files (loading the 19 MB JSON twice is slow)
+    shutil.copytree(dst / "tokenizer", dst / "processor")
     Qwen2VLImageProcessor().save_pretrained(dst / "processor")
     index = json.loads((dst / "model_index.json").read_text())
     index["processor"] = ["transformers", "Qwen2VLProcessor"]

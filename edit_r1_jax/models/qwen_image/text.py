@@ -220,7 +220,7 @@ class QwenImagePromptEncoder:
         return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
 
     def _encode(self, take: np.ndarray, rows) -> tuple[np.ndarray, np.ndarray]:
-        """One micro-batch (row indices ``take``) -> (hidden [mb, Lp - DROP, D] numpy, kept lengths [mb])."""
+        """One micro-batch (row indices ``take``) -> (hidden [mb, max_length, D] numpy, kept lengths [mb])."""
         cfg = self.model.config
         merge = cfg.vision_config.spatial_merge_size
         keep_max = DROP_TOKENS + self.max_length
@@ -229,9 +229,8 @@ class QwenImagePromptEncoder:
             bad = int(take[int(np.argmin(keep))])
             raise ValueError(f"row {bad}: prompt of {keep.min()} tokens is not longer than the {DROP_TOKENS} "
                              "dropped template tokens")
-        from edit_r1_jax.rewards.mllm import bucket_length  # the reward's padding buckets: few programs
-
-        Lp = min(keep_max, bucket_length(int(keep.max())))
+        # One padded length (and image-token count) for every call: one text program per micro-batch size.
+        Lp = keep_max
         mb = len(take)
         ids = np.full((mb, Lp), self.pad_id, np.int32)
         mask = np.zeros((mb, Lp), np.int32)
@@ -256,13 +255,14 @@ class QwenImagePromptEncoder:
             ids[r, :k], mask[r, :k], pos[:, r, :k] = full[0, :k], 1, p[:, 0, :k]
             n_img = int(np.sum(full[0, :k] == cfg.image_token_id))
             gather.extend(range(offsets[r], offsets[r] + n_img))
-        gather = np.asarray(gather + [0] * (bucket_length(max(len(gather), 1)) - len(gather)), np.int32)
+        # kept image tokens of a row <= its kept tokens after the drop <= max_length
+        gather = np.asarray(gather + [0] * (mb * self.max_length - len(gather)), np.int32)
         vision = []
         for g, members in groups.items():
             patches = np.stack([rows[take[r]][1] for r in members])
             vision.append(self._call(_vision_fn, (self.graphdef, g), self._put(patches, replicated=True)))
-        hidden = self._call(_text_fn, (self.graphdef, DROP_TOKENS), tuple(vision),
-                            self._put(gather, replicated=True), self._put(ids), self._put(mask),
+        emb = _gather_fn(tuple(vision), self._put(gather, replicated=True))
+        hidden = self._call(_text_fn, (self.graphdef, DROP_TOKENS), emb, self._put(ids), self._put(mask),
                             self._put(pos, axis=1))
         return distributed.gather_global(hidden), keep - DROP_TOKENS
 
@@ -294,13 +294,20 @@ def _vision_fn(graphdef, grid, state, patches):
     return out.reshape(-1, out.shape[-1])
 
 
+@jax.jit
+def _gather_fn(vision, gather):
+    """The image tokens of every grid group -> [len(gather), D] in sequence order (a small program per grid mix,
+    so that the text program's shapes never depend on the images)."""
+    emb = vision[0] if len(vision) == 1 else jnp.concatenate(vision, axis=0)
+    return jnp.take(emb, gather, axis=0)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _text_fn(graphdef, drop, state, vision, gather, ids, mask, pos):
+def _text_fn(graphdef, drop, state, image_embeds, ids, mask, pos):
     """Last-layer hidden states of the kept tokens, the first ``drop`` removed, padding zeroed (as the pipeline
     pads with zeros), float32."""
     model = nnx.merge(graphdef, state)
-    emb = vision[0] if len(vision) == 1 else jnp.concatenate(vision, axis=0)
-    h = model.hidden_states(ids, mask, pos, jnp.take(emb, gather, axis=0))[:, drop:]
+    h = model.hidden_states(ids, mask, pos, image_embeds)[:, drop:]
     return jnp.where(mask[:, drop:, None] > 0, h, 0).astype(jnp.float32)
 
 
