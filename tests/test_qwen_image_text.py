@@ -203,3 +203,46 @@ def test_bad_inputs_name_the_row(setup):
         enc([np.zeros((0, 10, 3), np.uint8)], PROMPTS[:1])
     with pytest.raises(ValueError, match="2 images for 1 prompts"):
         enc([a, b], PROMPTS[:1])
+
+
+MESH_SCRIPT = r"""
+import sys
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+import numpy as np
+from edit_r1_jax.models.qwen_image.text import QwenImagePromptEncoder
+from edit_r1_jax.parallel.mesh import make_mesh
+
+assert len(jax.devices()) == 8, jax.devices()
+inp = np.load(sys.argv[1], allow_pickle=False)
+enc = QwenImagePromptEncoder.from_pretrained(sys.argv[2], mesh=make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+q = enc.model.model.layers[0].self_attn.q_proj.kernel[...]
+out = enc([inp["a"], inp["b"]], [str(p) for p in inp["prompts"]])
+np.savez(sys.argv[3], text=out["text"], mask=out["mask"], q_shard=np.asarray(q.addressable_shards[0].data.shape),
+         q_shape=np.asarray(q.shape))
+"""
+
+
+@pytest.mark.slow
+def test_mesh_equals_single_device(setup, tmp_path):
+    """The weights placed on a (data=2, fsdp=2, tensor=2) mesh of 8 host devices by their logical axes give the
+    same embeddings (a subprocess: the device count is fixed before jax starts). Same float32 math with other
+    reduction splits: atol 1e-5."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = setup.get("batch_out") or setup["enc"](setup["images"], PROMPTS)
+    np.savez(tmp_path / "in.npz", a=setup["images"][0], b=setup["images"][1], prompts=np.asarray(PROMPTS))
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path / "in.npz"), str(setup["out"]),
+                           str(tmp_path / "out.npz")], env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = np.load(tmp_path / "out.npz")
+    # q_proj kernel [embed, heads]: embed over fsdp (2), heads over tensor (2): the weights really are sharded
+    assert r["q_shard"].tolist() == [r["q_shape"][0] // 2, r["q_shape"][1] // 2]
+    np.testing.assert_array_equal(r["mask"], out["mask"])
+    np.testing.assert_allclose(r["text"], out["text"], atol=1e-5, rtol=0)

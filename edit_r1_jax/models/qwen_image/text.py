@@ -135,11 +135,10 @@ class QwenImagePromptEncoder:
         # (pre-5.0) Mistral tokenizer and "fix" its regex; Qwen's pre-tokenizer is loaded as written.
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), fix_mistral_regex=False)
         image_cfg = ImageProcessorConfig.from_dir(pre.parent)
-        dtype = jnp.dtype(dtype)
         fp = _fingerprint(te, tok_dir, pre, max_length, dtype)
         model = qparams.load_model(te, dtype=dtype, mesh=mesh)
         log.info("Qwen-Image prompt encoder: %s (tokenizer %s, max_length %d, %s)", te, tok_dir, max_length,
-                 dtype.name)
+                 jnp.dtype(dtype).name)
         return cls(model, tokenizer, image_cfg, max_length=max_length, batch_size=batch_size, mesh=mesh,
                    fingerprint=fp)
 
