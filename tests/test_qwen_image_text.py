@@ -118,7 +118,8 @@ def test_pixels_match_the_processor(setup):
 
     pipe, enc = setup["pipe"], setup["enc"]
     for image in setup["images"]:
-        ids, patches, grid = enc.prepare(image, "x")
+        patches, grid = enc.condition_pixels(image)
+        assert enc.prepare(image, "x")[1] == grid  # the grid planned from the size alone
         img = Image.fromarray(image)
         w, h = calculate_dimensions(384 * 384, img.size[0] / img.size[1])
         ref = pipe.processor.image_processor(images=[pipe.image_processor.resize(img, h, w)], return_tensors="np")
@@ -199,6 +200,8 @@ def test_bad_inputs_name_the_row(setup):
         enc([a, b[..., 0]], PROMPTS)
     with pytest.raises(ValueError, match="row 1: image 1x1000 is too narrow"):
         enc([a, np.zeros((1, 1000, 3), np.uint8)], PROMPTS)
+    with pytest.raises(ValueError, match="row 1: absolute aspect ratio must be smaller than 200"):
+        enc([a, np.zeros((3, 1000, 3), np.uint8)], PROMPTS)  # a 32x7008 condition image: the processor refuses
     with pytest.raises(ValueError, match="row 0: image is empty"):
         enc([np.zeros((0, 10, 3), np.uint8)], PROMPTS[:1])
     with pytest.raises(ValueError, match="2 images for 1 prompts"):

@@ -1,6 +1,7 @@
 """Qwen-Image(-Edit-2509) in Flax NNX: the MMDiT (``modeling``), the VAE (``autoencoder``), their loaders
 (``params``) and the prompt embeddings from Qwen2.5-VL (``text``). Latent layout, position ids and the sigma
-schedule live in ``edit_r1_jax.diffusion.qwen_image``; conversion is ``python -m tools.convert_weights qwen-image-edit --src PIPELINE_DIR --dst OUT``.
+schedule live in ``edit_r1_jax.diffusion.qwen_image``; conversion is
+``python -m tools.convert_weights qwen-image-edit --src PIPELINE_DIR --dst OUT``.
 
 What an editor calls (converted folder OUT)::
 

@@ -150,32 +150,42 @@ class QwenImagePromptEncoder:
         return self._fingerprint
 
     # ------------------------------------------------------------------------------------------------------
-    def prepare(self, image, prompt: str, row: int = 0) -> tuple[list[int], np.ndarray, tuple[int, int, int]]:
-        """One row -> (token ids, image patches [P, C*T*p*p] float32, grid (1, gh, gw)); ValueError names ``row``."""
-        from PIL import Image
+    def prepare(self, image, prompt: str, row: int = 0) -> tuple[list[int], tuple[int, int, int]]:
+        """Validate one row and build its token ids -> (ids, image grid (1, gh, gw)); no pixels yet (they are
+        made per micro-batch, so memory stays bounded). ValueError names ``row``."""
+        from edit_r1_jax.models.qwen2_5_vl.processor import grid_for
 
         if not isinstance(prompt, str):
             raise ValueError(f"row {row}: prompt must be a str, got {type(prompt).__name__}")
         if not prompt.strip():
             raise ValueError(f"row {row}: empty prompt")
-        a = np.asarray(image)
-        if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3:
-            raise ValueError(f"row {row}: image must be a uint8 HxWx3 array, got {a.dtype} {a.shape}")
-        h, w = a.shape[:2]
+        shape, dtype = np.shape(image), getattr(image, "dtype", None)
+        if dtype != np.uint8 or len(shape) != 3 or shape[-1] != 3:
+            raise ValueError(f"row {row}: image must be a uint8 HxWx3 array, got {dtype} {tuple(shape)}")
+        h, w = shape[:2]
         if h == 0 or w == 0:
             raise ValueError(f"row {row}: image is empty ({h}x{w})")
         ch, cw = condition_size(h, w)
         if ch < 1 or cw < 1:
             raise ValueError(f"row {row}: image {h}x{w} is too narrow: its {CONDITION_IMAGE_AREA}-pixel condition "
                              f"image would be {ch}x{cw} (the pipeline's resize fails too)")
-        cond = np.asarray(Image.fromarray(a).resize((cw, ch), resample=Image.LANCZOS))
         try:
-            patches, grid = preprocess_host(cond, self.image_cfg)
+            grid = grid_for(ch, cw, self.image_cfg)
             ids = self.prompts.expand(PROMPT_TEMPLATE.format(IMAGE_PROMPT.format(1) + prompt), [grid],
                                       self.image_cfg.merge_size)
         except ValueError as e:
             raise ValueError(f"row {row}: {e}") from e
-        return ids, patches, grid
+        return ids, grid
+
+    def condition_pixels(self, image) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """uint8 HxWx3 source image -> (patches [P, C*T*p*p] float32, grid): the pipeline's Lanczos resize to the
+        condition size, then the processor's image preprocessing."""
+        from PIL import Image
+
+        a = np.asarray(image)
+        ch, cw = condition_size(*a.shape[:2])
+        cond = np.asarray(Image.fromarray(a).resize((cw, ch), resample=Image.LANCZOS))
+        return preprocess_host(cond, self.image_cfg)
 
     def __call__(self, images: Sequence[np.ndarray], prompts: Sequence[str], *,
                  batch_size: int | None = None) -> dict[str, np.ndarray]:
@@ -188,9 +198,9 @@ class QwenImagePromptEncoder:
         out_mask = np.zeros((n, self.max_length), np.int32)
         if n == 0:
             return {"text": out_text, "mask": out_mask}
-        rows = [self.prepare(images[i], prompts[i], i) for i in range(n)]
+        rows = [self.prepare(images[i], prompts[i], i) for i in range(n)]  # every row checked before any work
         keep_max = DROP_TOKENS + self.max_length
-        long = [i for i, (ids, _, _) in enumerate(rows) if len(ids) > keep_max]
+        long = [i for i, (ids, _) in enumerate(rows) if len(ids) > keep_max]
         if long:
             log.warning("%d of %d prompts are longer than max_length %d after the %d dropped template tokens "
                         "(rows %s...): their first %d tokens are kept", len(long), n, self.max_length, DROP_TOKENS,
@@ -205,7 +215,7 @@ class QwenImagePromptEncoder:
             starts = tqdm(starts, desc="qwen-image prompt embeddings", unit="batch", total=len(starts))
         for start in starts:
             take = np.minimum(np.arange(start, start + mb), n - 1)
-            text, lengths = self._encode(take, rows)
+            text, lengths = self._encode(take, rows, images)
             real = take[:min(mb, n - start)]
             t = text[:len(real)]
             out_text[real, :t.shape[1]] = t
@@ -218,7 +228,7 @@ class QwenImagePromptEncoder:
             return 1
         return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
 
-    def _encode(self, take: np.ndarray, rows) -> tuple[np.ndarray, np.ndarray]:
+    def _encode(self, take: np.ndarray, rows, images) -> tuple[np.ndarray, np.ndarray]:
         """One micro-batch (row indices ``take``) -> (hidden [mb, max_length, D] numpy, kept lengths [mb])."""
         cfg = self.model.config
         merge = cfg.vision_config.spatial_merge_size
@@ -237,7 +247,7 @@ class QwenImagePromptEncoder:
         # Vision inputs grouped by grid (one program per grid); image tokens gathered in sequence order.
         groups: dict[tuple, list[int]] = {}
         for r, i in enumerate(take):
-            groups.setdefault(rows[i][2], []).append(r)
+            groups.setdefault(rows[i][1], []).append(r)
         offsets, base = {}, 0
         for g, members in groups.items():
             n_tok = g[0] * g[1] * g[2] // merge ** 2
@@ -246,7 +256,7 @@ class QwenImagePromptEncoder:
             base += len(members) * n_tok
         gather = []
         for r, i in enumerate(take):
-            row_ids, _, grid = rows[i]
+            row_ids, grid = rows[i]
             full = np.asarray(row_ids, np.int32)[None]
             # positions of the whole row (an image run cut by truncation keeps its 3-D positions)
             p = get_rope_index(full, None, [grid], image_token_id=cfg.image_token_id, spatial_merge_size=merge)
@@ -256,9 +266,15 @@ class QwenImagePromptEncoder:
             gather.extend(range(offsets[r], offsets[r] + n_img))
         # kept image tokens of a row <= its kept tokens after the drop <= max_length
         gather = np.asarray(gather + [0] * (mb * self.max_length - len(gather)), np.int32)
-        vision = []
+        vision, pixels = [], {}
         for g, members in groups.items():
-            patches = np.stack([rows[take[r]][1] for r in members])
+            for r in members:
+                if take[r] not in pixels:  # a repeated padding row is preprocessed once
+                    pv, got = self.condition_pixels(images[take[r]])
+                    if tuple(got) != tuple(g):
+                        raise RuntimeError(f"row {take[r]}: internal: grid {got} != planned {g}")
+                    pixels[take[r]] = pv
+            patches = np.stack([pixels[take[r]] for r in members])
             vision.append(self._call(_vision_fn, (self.graphdef, g), self._put(patches, replicated=True)))
         emb = _gather_fn(tuple(vision), self._put(gather, replicated=True))
         hidden = self._call(_text_fn, (self.graphdef, DROP_TOKENS), emb, self._put(ids), self._put(mask),
