@@ -90,20 +90,26 @@ def tiny_hf_config(vocab_size: int = VOCAB_SIZE, tie: bool = False, **over):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **over)
 
 
-def save_tiny_checkpoint(dst: Path, tokenizer_dir: Path | None, seed: int = 0, tie: bool = False, **over):
-    """Random tiny Qwen2_5_VLForConditionalGeneration saved with save_pretrained (+ tokenizer files)."""
+def randomize(model):
+    """Default init leaves norms at 1 and biases at 0: randomise them so parity tests see them."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tie=tie, **over)).eval()
-    # Default init leaves norms at 1 and biases at 0: randomise them so the parity test sees them.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_q" in name:
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 and not name.endswith("bias") else 0.0))
             else:  # std 0.1 instead of 0.02: images visibly move the tiny model's last-token logits
                 p.mul_(5.0)
+    return model
+
+
+def save_tiny_checkpoint(dst: Path, tokenizer_dir: Path | None, seed: int = 0, tie: bool = False, **over):
+    """Random tiny Qwen2_5_VLForConditionalGeneration saved with save_pretrained (+ tokenizer files)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = randomize(Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tie=tie, **over)).eval())
     model.save_pretrained(dst)
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():

@@ -45,10 +45,11 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return qwen_tokenizer_dir(tmp_path_factory.getbasetemp().parent / "qwen_cache")
 
 
-def build_pipeline(tok_dir: Path, seed: int = 0):
+def build_pipeline(tok_dir: Path, seed: int = 0, text_encoder=None):
     """The tiny pipeline in eval mode. Parameters initialised to exactly 1 (norm scales) or 0 (biases) are moved off
     those values (a parity test must see them), the transformer's linear weights are rescaled (below); the rest
-    keeps diffusers' / transformers' own initialisation."""
+    keeps diffusers' / transformers' own initialisation. ``text_encoder``: a given Qwen2_5_VLForConditionalGeneration
+    (used as is) instead of a fresh one."""
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
                            QwenImageTransformer2DModel)
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
@@ -56,7 +57,9 @@ def build_pipeline(tok_dir: Path, seed: int = 0):
     from qwen_fixtures import tiny_hf_config
 
     torch.manual_seed(seed)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(tiny_hf_config()).eval()
+    given = text_encoder is not None
+    if not given:
+        text_encoder = Qwen2_5_VLForConditionalGeneration(tiny_hf_config()).eval()
     transformer = QwenImageTransformer2DModel(
         **TRANSFORMER, joint_attention_dim=text_encoder.config.text_config.hidden_size).eval()
     vae = AutoencoderKLQwenImage(**VAE).eval()
@@ -67,7 +70,7 @@ def build_pipeline(tok_dir: Path, seed: int = 0):
         for p in transformer.parameters():
             if p.ndim == 2:
                 p.copy_(torch.randn_like(p) * 2.0 / p.shape[1] ** 0.5)
-        for p in [*transformer.parameters(), *vae.parameters(), *text_encoder.parameters()]:
+        for p in [*transformer.parameters(), *vae.parameters(), *([] if given else text_encoder.parameters())]:
             if torch.all(p == 1):  # norm scales (RMSNorm weights, the VAE's gamma)
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif not torch.any(p):  # zero-initialised biases

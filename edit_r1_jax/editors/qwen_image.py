@@ -39,7 +39,7 @@ class QwenImageConditioner(Conditioner):
     def settings(self):
         return {"max_length": int(self.encoder.max_length)}
 
-    def __call__(self, prompts, images=None, batch_size: int = 8):
+    def __call__(self, prompts, images=None):
         if images is None:
             raise ValueError("Qwen-Image-Edit prompt embeddings need the source images (the VLM sees them)")
         out = self.encoder(list(images), list(prompts))

@@ -132,6 +132,17 @@ class Qwen2_5_VL(nnx.Module):
             out = rules.constrain(out, ("batch", "length", "act_mlp") if out.ndim == 3 else ("batch", "act_mlp"))
         return out
 
+    def hidden_states(self, input_ids, attention_mask, position_ids, image_embeds=None) -> jax.Array:
+        """Last-layer hidden states [B, L, D] after the final norm (transformers' ``hidden_states[-1]``, what
+        Qwen-Image's prompt embeddings are); arguments as ``__call__``."""
+        x = self.model.embed_tokens(input_ids)
+        if image_embeds is not None:
+            is_img = (input_ids == self.config.image_token_id)
+            idx = jnp.cumsum(is_img.reshape(-1)) - 1
+            gathered = jnp.take(image_embeds.astype(x.dtype), jnp.clip(idx, 0, image_embeds.shape[0] - 1), axis=0)
+            x = jnp.where(is_img[..., None], gathered.reshape(x.shape), x)
+        return self.model(x, attention_mask, position_ids)
+
     def __call__(self, input_ids, attention_mask, position_ids, image_embeds=None, *, last_only: bool = False,
                  gather_index=None, vocab_ids=None):
         """Prefill logits.
@@ -142,13 +153,7 @@ class Qwen2_5_VL(nnx.Module):
         under jit). Returns logits [B, L, V]; [B, V] at the last position with ``last_only``, or at
         ``gather_index`` [B] (e.g. the last real token under right padding). ``vocab_ids``: only those logits.
         """
-        x = self.model.embed_tokens(input_ids)
-        if image_embeds is not None:
-            is_img = (input_ids == self.config.image_token_id)
-            idx = jnp.cumsum(is_img.reshape(-1)) - 1
-            gathered = jnp.take(image_embeds.astype(x.dtype), jnp.clip(idx, 0, image_embeds.shape[0] - 1), axis=0)
-            x = jnp.where(is_img[..., None], gathered.reshape(x.shape), x)
-        h = self.model(x, attention_mask, position_ids)
+        h = self.hidden_states(input_ids, attention_mask, position_ids, image_embeds)
         if last_only:
             h = h[:, -1]
         elif gather_index is not None:

@@ -1,6 +1,7 @@
-"""Qwen-Image(-Edit-2509) in Flax NNX: the MMDiT (``modeling``), the VAE (``autoencoder``) and their loaders
-(``params``). Latent layout, position ids and the sigma schedule live in ``edit_r1_jax.diffusion.qwen_image``;
-conversion is ``python -m tools.convert_weights qwen-image-edit --src PIPELINE_DIR --dst OUT``.
+"""Qwen-Image(-Edit-2509) in Flax NNX: the MMDiT (``modeling``), the VAE (``autoencoder``), their loaders
+(``params``) and the prompt embeddings from Qwen2.5-VL (``text``). Latent layout, position ids and the sigma
+schedule live in ``edit_r1_jax.diffusion.qwen_image``; conversion is
+``python -m tools.convert_weights qwen-image-edit --src PIPELINE_DIR --dst OUT``.
 
 What an editor calls (converted folder OUT)::
 
@@ -8,6 +9,11 @@ What an editor calls (converted folder OUT)::
     from edit_r1_jax.models.qwen_image import params
     from edit_r1_jax.models.qwen_image.modeling import qwen_image_velocity
 
+    from edit_r1_jax.models.qwen_image.text import QwenImagePromptEncoder
+
+    enc = QwenImagePromptEncoder.from_pretrained(OUT, max_length=256, dtype=jnp.bfloat16, mesh=mesh)
+    emb = enc(source_images_uint8, instructions)   # {"text": [B, 256, D] float32, "mask": [B, 256] int32}
+    prompt_embeds, prompt_mask = emb["text"], emb["mask"]
     cfg, graphdef, base, lora = params.load_transformer(OUT / "transformer", mesh=mesh, lora=LoRAConfig(),
                                                         dtype=jnp.bfloat16, remat_policy="full")
     vae = params.load_vae(OUT / "vae")
