@@ -93,17 +93,6 @@ MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_ORDER = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")
 MAX_TENSOR = 8
 
-# (embed-width coefficient, heads/mlp-width coefficient, LoRA rank coefficient, attention matrix kind)
-# per token per block; see the module docstring.
-_OUTSIDE = 6  # [L, D]-sized residuals outside the blocks per sample (final norm in float32, embedders)
-_SAVED = {
-    "none": {"double": (18, 45, 0, "probs"), "single": (8, 47, 0, "probs")},
-    "dots_saveable": {"double": (4, 11, 4, "scores"), "single": (2, 11, 3, "scores")},
-    "dots_with_no_batch_dims_saveable": {"double": (4, 10, 4, None), "single": (2, 10, 3, None)},
-    "full": {"double": (1, 0, 0, None), "single": (1, 0, 0, None)},
-}
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Abstract parameter inventories.
 
@@ -143,7 +132,11 @@ def _fast_tracing():
 
 
 def _leaves(abstract_module, variable_type=None) -> list[Leaf]:
-    state = nnx.state(abstract_module) if variable_type is None else nnx.state(abstract_module, variable_type)
+    """Per-layer leaves of an abstract module (or its ``nnx.State``), optionally of one variable type."""
+    if isinstance(abstract_module, nnx.State):
+        state = abstract_module if variable_type is None else nnx.state(abstract_module, variable_type)
+    else:
+        state = nnx.state(abstract_module) if variable_type is None else nnx.state(abstract_module, variable_type)
     out = []
     for path, v in nnx.to_flat_state(state):
         value = v.get_value() if isinstance(v, nnx.Variable) else v
@@ -159,19 +152,21 @@ def _leaves(abstract_module, variable_type=None) -> list[Leaf]:
     return out
 
 
-def flux_config(config):
-    from edit_r1_jax.models.flux.modeling import FluxConfig
-    from edit_r1_jax.models.lora import LoRAConfig
+def family(config):
+    """The model family of ``config.task`` (``edit_r1_jax.editors``); what differs per family goes through it."""
+    from edit_r1_jax import editors
 
-    lora = LoRAConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
-    overrides = dict(config.model.get("dit", {}) or {})
-    return FluxConfig(**overrides, dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype),
-                      lora=lora)
+    return editors.get(str(config.task))
+
+
+def transformer_config(config):
+    """The full-size transformer config of ``config``'s family (``config.model.dit`` overrides, dtypes, LoRA)."""
+    return family(config).plan_transformer_config(config)
 
 
 @functools.lru_cache(maxsize=8)
 def dit_leaves(cfg, family=None) -> tuple[list[Leaf], list[Leaf]]:
-    """(base leaves, LoRA leaves) of the family's transformer for ``cfg`` (default: FLUX), from eval_shape."""
+    """(base leaves, LoRA leaves) of ``family``'s transformer for ``cfg`` (default: FLUX), from eval_shape."""
     from edit_r1_jax import editors
     from edit_r1_jax.models.lora import LoRAParam
 
@@ -208,27 +203,27 @@ def qwen_leaves(size: str, dtype_name: str = "bfloat16") -> list[Leaf]:
     return _leaves(model)
 
 
-@functools.lru_cache(maxsize=2)
-def vae_leaves(dtype_name: str = "float32") -> list[Leaf]:
-    from edit_r1_jax.models.flux.autoencoder import AutoencoderKL, AutoencoderKLConfig
+@functools.lru_cache(maxsize=4)
+def vae_leaves(family_name: str = "kontext", dtype_name: str = "float32") -> list[Leaf]:
+    """The family's full-size VAE (``Family.plan_vae_config``)."""
+    from edit_r1_jax import editors
 
-    cfg = AutoencoderKLConfig(dtype=jnp.dtype(dtype_name), param_dtype=jnp.dtype(dtype_name))
+    fam = editors.get(family_name)
     with _fast_tracing():
-        model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
-    return _leaves(model)
+        return _leaves(fam.abstract_vae(fam.plan_vae_config(dtype_name)))
 
 
-@functools.lru_cache(maxsize=2)
-def text_encoder_leaves(dtype_name: str = "bfloat16") -> list[Leaf]:
-    """T5-XXL encoder + CLIP-L text tower (``edit_r1_jax.models.text``, default configs = the FLUX encoders)."""
-    from edit_r1_jax.models.text.clip import CLIPTextConfig, CLIPTextModel
-    from edit_r1_jax.models.text.t5 import T5Config, T5EncoderModel
+@functools.lru_cache(maxsize=4)
+def text_encoder_leaves(family_name: str = "kontext", dtype_name: str = "bfloat16") -> tuple[str, list[Leaf],
+                                                                                              str | None]:
+    """(row label, leaves, reward size it is the same checkpoint as) of the family's text encoder(s)
+    (``Family.plan_text_encoders``: FLUX T5-XXL + CLIP-L; Qwen-Image-Edit Qwen2.5-VL-7B)."""
+    from edit_r1_jax import editors
 
-    dt = jnp.dtype(dtype_name)
     with _fast_tracing():
-        t5 = nnx.eval_shape(lambda: T5EncoderModel(T5Config(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
-        clip = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
-    return _leaves(t5) + _leaves(clip)
+        enc = editors.get(family_name).plan_text_encoders(dtype_name)
+        leaves = [leaf for m in enc.modules for leaf in _leaves(m)]
+    return enc.name, leaves, enc.reward_size
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,10 +257,12 @@ def total_bytes(leaves: Sequence[Leaf], itemsize: int | None = None) -> int:
 
 
 def _block_leaves(base: Sequence[Leaf], prefix: str) -> dict[str, list[Leaf]]:
+    """Per-layer leaves ``<prefix>.<i>.<rest>`` grouped by layer index i."""
     blocks: dict[str, list[Leaf]] = {}
+    depth = len(prefix.split("."))
     for leaf in base:
         if leaf.path.startswith(prefix + "."):
-            idx = leaf.path.split(".")[1]
+            idx = leaf.path.split(".")[depth]
             blocks.setdefault(idx, []).append(leaf)
     return blocks
 
@@ -288,15 +285,18 @@ def _dtype_name(itemsize):
     return {4: "float32", 2: "bfloat16", 1: "int8"}.get(itemsize, f"{itemsize}B")
 
 
-def activation_bytes(policy: str, *, micro_batch: int, tokens: int, dim: int, heads: int, rank: int,
-                     n_double: int, n_single: int, tensor: int, itemsize: int, xla_attention: bool) -> dict:
-    """Training activations per device (see the module docstring for the formula)."""
-    b, t, L = itemsize, tensor, tokens
-    heads_t = -(-heads // t) if heads % t == 0 else heads  # heads not divisible by t: replicated
+def activation_bytes(policy: str, model, *, micro_batch: int, tokens: int, text_tokens: int = 0, tensor: int,
+                     itemsize: int, xla_attention: bool, counts: dict[str, int] | None = None) -> dict:
+    """Training activations per device of the activation model ``model`` (``Family.plan_activations``; see the
+    module docstring). ``counts``: blocks per kind instead of the model's own (e.g. one block for the rollout)."""
+    b, t, L, dim = itemsize, tensor, tokens, model.dim
+    heads_t = -(-model.heads // t) if model.heads % t == 0 else model.heads  # heads not divisible by t: replicated
+    if policy not in REMAT_ORDER:
+        raise ValueError(f"model.remat_policy={policy!r}: one of {sorted(REMAT_ORDER)}")
 
-    def per_block(kind, pol):
-        e, h, r, attn = _SAVED[pol][kind]
-        elems_per_token = e * dim + h * dim / t + r * rank
+    def per_block(blocks, pol):
+        e, h, r, attn = blocks.saved[pol]
+        elems_per_token = e * dim + h * dim / t + r * model.rank
         out = elems_per_token * L * b
         if xla_attention and attn == "probs":
             out += heads_t * L * L * (4 + b)
@@ -304,12 +304,15 @@ def activation_bytes(policy: str, *, micro_batch: int, tokens: int, dim: int, he
             out += heads_t * L * L * 4
         return out
 
-    saved = n_double * per_block("double", policy) + n_single * per_block("single", policy)
-    saved += _OUTSIDE * L * dim * b
+    counts = {blk.kind: blk.count for blk in model.blocks} if counts is None else counts
+    saved = sum(counts.get(blk.kind, 0) * per_block(blk, policy) for blk in model.blocks)
+    saved += (model.outside * L * dim + model.outside_text * text_tokens * model.text_width) * b
+    if xla_attention:
+        saved += model.outside_attn.get(policy, 0) * heads_t * L * L
     working = 0.0
     if policy != "none":
-        working = max(per_block("double", "none"), per_block("single", "none"))
-    once = (3 * dim * dim + 1280 * dim) * 4  # float32 copies of the embedder weights, independent of B
+        working = max(per_block(blk, "none") for blk in model.blocks)
+    once = model.once
     return dict(policy=policy, saved=int(micro_batch * saved + once), working=int(micro_batch * working),
                 total=int(micro_batch * (saved + working) + once))
 
@@ -340,8 +343,10 @@ def plan(config, mesh_shape: dict[str, int], chip: str, *, micro_batch: int | No
     tensor = mesh_shape["tensor"]
     notes: list[str] = []
 
-    fcfg = flux_config(config)
-    base, lora = dit_leaves(fcfg)
+    fam = family(config)
+    tcfg = fam.plan_transformer_config(config)
+    base, lora = dit_leaves(tcfg, fam)
+    model = fam.plan_activations(tcfg)
     rows: list[Row] = []
 
     def add(name, leaves, note="", itemsize=None, copies=1):
@@ -350,7 +355,7 @@ def plan(config, mesh_shape: dict[str, int], chip: str, *, micro_batch: int | No
                         copies * total_bytes(leaves, itemsize), copies * per_device_bytes(leaves, mesh, itemsize),
                         note))
 
-    add("DiT base weights", base, "FLUX.1 transformer, frozen")
+    add("DiT base weights", base, f"{fam.plan_transformer_name}, frozen")
     add("LoRA theta + theta_old + EMA", lora, "3 copies", itemsize=4, copies=3)
     add("LoRA grads", lora, "accumulated over micro-batches", itemsize=4)
     add("AdamW mu + nu", lora, "2 x LoRA", itemsize=4, copies=2)
@@ -360,34 +365,42 @@ def plan(config, mesh_shape: dict[str, int], chip: str, *, micro_batch: int | No
         add(f"reward Qwen2.5-VL-{reward.upper()}", qwen_leaves(reward), "frozen, bf16 assumed")
     else:
         rows.append(Row("reward model", 0, "-", 0, 0, "no MLLM reward"))
+    text_name, text_leaves, text_reward = text_encoder_leaves(fam.name, str(jnp.dtype(config.model.dtype)))
     if config.data.text_cache:
-        rows.append(Row("text encoders T5-XXL + CLIP-L", 0, "-", 0, 0,
-                        "data.text_cache=True: embeddings come from the cache"))
+        rows.append(Row(text_name, 0, "-", 0, 0, "data.text_cache=True: embeddings come from the cache"))
+    elif text_reward is not None and text_reward == reward and _same_checkpoint(config):
+        rows.append(Row(text_name, 0, "-", 0, 0, "data.text_cache=False: the reward model's weights "
+                        "(reward.mllm_dir is model.dir/text_encoder: one copy)"))
     else:
-        add("text encoders T5-XXL + CLIP-L", text_encoder_leaves(str(jnp.dtype(config.model.dtype))),
-            "data.text_cache=False: resident on device")
-    add("VAE (FLUX AutoencoderKL)", vae_leaves("float32"), "float32")
+        add(text_name, text_leaves, "data.text_cache=False: resident on device")
+    add(f"VAE ({fam.plan_vae_name})", vae_leaves(fam.name, "float32"), "float32")
 
     # FSDP: one block's weights gathered to full width (split only by tensor), current + prefetched.
     gather = 0
     if mesh_shape["fsdp"] > 1:
         tmesh = abstract_mesh({"tensor": tensor})
-        blocks = list(_block_leaves(base, "transformer_blocks").values()) + \
-            list(_block_leaves(base, "single_transformer_blocks").values())
+        blocks = [blk for bs in model.blocks for blk in _block_leaves(base, bs.prefix).values()]
         gather = 2 * max(per_device_bytes(blk, tmesh) for blk in blocks)
     rows.append(Row("FSDP gather buffers", 0, "-", 0, gather, "2 blocks at full width" if gather else "fsdp=1"))
+    # The stacked layers' per-layer weight slices (see "Stacked layers" in the module docstring): under the
+    # layer scan one layer's slice buffer at a time; the python loop (scan_layers=False) keeps every slice.
+    per_layer = [per_device_bytes(blk, mesh) for bs in model.blocks for blk in _block_leaves(base, bs.prefix).values()]
+    if getattr(tcfg, "scan_layers", True):
+        rows.append(Row("layer weight slice", 0, "-", 0, max(per_layer, default=0),
+                        "one stacked layer's dynamic-slice in the scan"))
+    else:
+        rows.append(Row("layer weight slices", 0, "-", 0, sum(per_layer),
+                        "scan_layers=False: every layer's slice is kept for backward"))
 
     res = int(config.data.resolution)
-    img_tokens = (res // 16) ** 2
-    text_len = int(config.text.t5_length)
+    tok = fam.plan_tokens(config)
     cdt = jnp.dtype(config.model.dtype).itemsize
     per_epoch = (int(config.sample.group_size) * int(config.sample.groups_per_batch)
                  * int(config.sample.num_batches_per_epoch))
-    per_sample = 2 * img_tokens * fcfg.in_channels * 4 + text_len * fcfg.joint_attention_dim * cdt \
-        + fcfg.pooled_projection_dim * 4
+    per_sample, what = fam.plan_sample_bytes(tcfg, config)
     samples_dev = -(-per_epoch // batch_shards)
     rows.append(Row("epoch sample buffers", 0, "-", per_epoch * per_sample, samples_dev * per_sample,
-                    f"{samples_dev} samples x (x0, ref latents, T5, pooled)"))
+                    f"{samples_dev} samples x ({what})"))
 
     # Activations.
     global_micro = int(config.train.micro_batch_size)
@@ -400,22 +413,22 @@ def plan(config, mesh_shape: dict[str, int], chip: str, *, micro_batch: int | No
                          f"divisible by data*fsdp={batch_shards} (config.validate rejects this); "
                          f"estimated with {micro_batch} per device")
     policy = remat_policy or str(config.model.remat_policy)
-    if policy not in _SAVED:
-        raise ValueError(f"model.remat_policy={policy!r}: one of {sorted(_SAVED)}")
     impl = str(config.model.get("attention_impl", "") or "")
     xla_attention = impl == "xla" or (impl == "" and chip not in GPU_CHIPS)
-    tokens = 2 * img_tokens + text_len
-    kw = dict(micro_batch=micro_batch, tokens=tokens, dim=fcfg.inner_dim, heads=fcfg.num_attention_heads,
-              rank=int(config.lora.rank), n_double=fcfg.num_layers, n_single=fcfg.num_single_layers,
-              tensor=tensor, itemsize=cdt, xla_attention=xla_attention)
-    acts = {p: activation_bytes(p, **kw) for p in REMAT_ORDER}
+    tokens = tok["image"] + tok["reference"] + tok["text"]
+    kw = dict(micro_batch=micro_batch, tokens=tokens, text_tokens=tok["text"], tensor=tensor, itemsize=cdt,
+              xla_attention=xla_attention)
+    acts = {p: activation_bytes(p, model, **kw) for p in REMAT_ORDER}
+    if policy not in acts:
+        raise ValueError(f"model.remat_policy={policy!r}: one of {sorted(acts)}")
     train_act = acts[policy]["total"]
     rollout_dev = -(-rollout // batch_shards)
-    rollout_act = activation_bytes("none", **{**kw, "micro_batch": rollout_dev, "n_double": 1,
-                                              "n_single": 0})["total"]
+    # inference: one block at a time (the largest kind's ``none`` activations bound it)
+    rollout_act = max(activation_bytes("none", model, **{**kw, "micro_batch": rollout_dev},
+                                       counts={blk.kind: 1})["total"] for blk in model.blocks)
     reward_dev = -(-int(config.reward.batch_size) // batch_shards)
     reward_act = _reward_transient(reward, reward_dev, res, tensor, 2)
-    vae_act = rollout_dev * 4 * res * res * 128 * 4
+    vae_act = rollout_dev * 4 * res * res * fam.plan_vae_top_width(fam.plan_vae_config()) * 4
 
     static = sum(r.per_device for r in rows)
     peak = static + max(train_act, rollout_act, vae_act, reward_act)
@@ -430,6 +443,15 @@ def plan(config, mesh_shape: dict[str, int], chip: str, *, micro_batch: int | No
         reward_transient=reward_act, vae_transient=vae_act, peak=peak, fits=peak <= usable, headroom=usable - peak,
         notes=notes,
     )
+
+
+def _same_checkpoint(config) -> bool:
+    """Whether the reward model is the family's text encoder checkpoint (``tasks._shared_encoder`` then loads
+    one copy): ``reward.mllm_dir`` resolves to ``model.dir/text_encoder``."""
+    from pathlib import Path
+
+    mllm, model_dir = str(config.reward.get("mllm_dir", "") or ""), str(config.model.get("dir", "") or "")
+    return bool(mllm and model_dir) and Path(mllm).resolve() == (Path(model_dir) / "text_encoder").resolve()
 
 
 def candidate_meshes(devices: int) -> list[dict[str, int]]:

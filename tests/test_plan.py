@@ -39,7 +39,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def leaves(config):
-    return plan.dit_leaves(plan.flux_config(config))
+    return plan.dit_leaves(plan.transformer_config(config))
 
 
 def row(p, name):
@@ -139,7 +139,7 @@ def test_param_bytes_match_a_real_model():
                        axes_dims_rope=(4, 6, 6), joint_attention_dim=96, pooled_projection_dim=32)
     c.model.param_dtype = "float32"
     c.lora.rank = 4
-    _, base, lora = split_policy(FluxTransformer(plan.flux_config(c), rngs=nnx.Rngs(0)))
+    _, base, lora = split_policy(FluxTransformer(plan.transformer_config(c), rngs=nnx.Rngs(0)))
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
     p = plan.plan(c, {"data": 1}, "h200")
     assert row(p, "DiT base weights")["total"] == nbytes(base)
@@ -280,7 +280,7 @@ def test_activation_formula_matches_saved_residuals(config, policy, blocks):
     from edit_r1_jax.models.lora import apply, split_policy
 
     n_double, n_single = blocks
-    cfg = dataclasses.replace(plan.flux_config(config), num_layers=n_double, num_single_layers=n_single,
+    cfg = dataclasses.replace(plan.transformer_config(config), num_layers=n_double, num_single_layers=n_single,
                               remat_policy=policy, attention_impl="xla")
     with plan._fast_tracing():
         model = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
