@@ -3,53 +3,107 @@
     python -m edit_r1_jax.plan --config configs/kontext_mllm.py --mesh data=4,fsdp=8,tensor=1 --chip v5p \
         [--micro-batch N] [--reward 7b|32b|none] [--margin 0.15] [--json] [--config.train.micro_batch_size=96 ...]
     python -m edit_r1_jax.plan --config configs/kontext_mllm.py --devices 8 --chip h100   # search only
+    python -m edit_r1_jax.plan --config configs/qwen_image_edit_mllm.py --devices 48 --chip h200
 
 Nothing is allocated: every model is built with ``nnx.eval_shape`` and each parameter's per-device shard is
 derived from its ``logical_axes`` metadata through ``edit_r1_jax.parallel.rules.partition_spec`` on an
 ``AbstractMesh`` (dimensions the mesh axes do not divide are replicated, exactly as the trainer does).
 
+Model families: the plan is generic over ``config.task`` (``edit_r1_jax.editors``). What differs per family comes
+from the ``Family`` planner methods (editors/base.py, "planner" section): the full-size transformer config
+(``plan_transformer_config``), the VAE (``plan_vae_config`` + ``abstract_vae``, ``plan_vae_top_width``), the text
+encoders (``plan_text_encoders``), the per-sample epoch buffers (``plan_sample_bytes``), the token counts
+(``plan_tokens``) and the activation model with its block sets and parameter prefixes (``plan_activations``).
+Kontext: FLUX.1 DiT (19 double + 38 single blocks), FLUX VAE, T5-XXL + CLIP-L, L = 2*(R/16)^2 + 128 = 2176
+tokens at 512^2. Qwen-Image-Edit-2509: Qwen-Image MMDiT (60 dual-stream blocks, 20.4 B), Qwen-Image VAE,
+Qwen2.5-VL-7B text encoder, L = 2*(R/16)^2 + 256 = 2304 tokens at 512^2.
+
 What is counted (per device)
-    DiT base weights      FluxConfig full size (plus ``config.model.dit`` overrides), ``config.model.param_dtype``.
+    DiT base weights      the family's config at full size (plus ``config.model.dit`` overrides),
+                          ``config.model.param_dtype``.
     LoRA theta / theta_old / EMA, LoRA grads, AdamW mu+nu   float32, sharded by their logical axes.
     reward model          Qwen2.5-VL 7B (our ``Qwen2_5_VLConfig`` defaults) or 32B (published sizes), bf16
                           (the config has no reward dtype field: bf16 assumed), sharded by the same rules.
-    text encoders         T5-XXL encoder + CLIP-L text (``edit_r1_jax.models.text``) in the compute dtype; 0 when
-                          ``config.data.text_cache`` (embeddings are read from the cache during training).
-    VAE                   ``AutoencoderKL(AutoencoderKLConfig())`` (the FLUX VAE), float32 (the reference keeps it
-                          fp32).
+    text encoders         Kontext: T5-XXL encoder + CLIP-L text; Qwen-Image-Edit: Qwen2.5-VL-7B (vision tower
+                          included: the prompt embeddings see the source image); compute dtype. 0 when
+                          ``config.data.text_cache`` (embeddings are read from the cache during training), and 0
+                          for Qwen-Image-Edit when ``reward.mllm_dir`` is ``model.dir/text_encoder`` (the trainer
+                          then loads one copy for both, ``tasks._shared_encoder``).
+    VAE                   the family's VAE config defaults (FLUX AutoencoderKL; Qwen-Image VAE, 2-D on single
+                          images), float32 (the reference keeps it fp32).
     FSDP gather buffers   2 x the largest block gathered to full width (current + prefetched), when fsdp > 1.
+    layer weight slice    the largest block's per-device weights, once (see "Stacked layers" below).
     epoch buffers         per sample kept between rollout and training: x0 and reference latents (float32) and
-                          T5 + pooled CLIP embeddings (compute dtype), samples_per_epoch / (data*fsdp) samples.
+                          the ``cond`` text entries (Kontext: T5 in the compute dtype + pooled CLIP float32;
+                          Qwen-Image-Edit: prompt embeddings [256, 3584] compute dtype + int32 mask),
+                          samples_per_epoch / (data*fsdp) samples.
+
+Stacked layers (models/scan.py) and jax's saved residuals
+    The identical blocks are stored stacked ([L, ...]) and run under ``jax.lax.scan``; ``saved_residuals`` of a
+    model cut to ONE block lists that layer's weight slices as residuals (~0.5-0.7 GB per block set in bf16).
+    They are not activations: following each residual's producing equations back (tests/test_plan.py
+    ``_residuals``) they are a parameter input seen through squeeze/slice only (the one-layer stack runs as the
+    python loop, ``stacked[0]``). Whether they are device memory, from XLA's buffer assignment
+    (``memory_analysis`` of the compiled gradient, CPU, float32 stacked Linear blocks of 4.2 MB each,
+    tests/test_plan.py::test_stacked_weight_slices_memory): one layer 0.016 MB of temporaries (the slice of a
+    [1, ...] stack is a bitcast); 3 and 6 layers under the scan 4.3 and 4.4 MB (one layer's dynamic-slice buffer
+    at a time: the scan forwards the stacked weights to its backward instead of saving per-iteration slices,
+    and 2+ layer scans list no slice residuals at all); 3 and 6 layers as the python loop
+    (``scan_layers=False``) 12.6 and 25.3 MB (every slice kept until backward: the stack again). So the plan
+    counts one layer's slice under the scan ("layer weight slice", e.g. 0.68 GB for a bf16 FLUX double or
+    Qwen-Image block at fsdp = tensor = 1; a GPU/TPU backend that fuses the slice into the matmul needs less)
+    and every layer's slice with ``scan_layers=False`` ("layer weight slices"); the activation formula excludes
+    them. (bfloat16 on the CPU is no guide: XLA:CPU converts the whole bf16 stack to float32 for its dots.)
 
 Activation estimate (training step, per device; b = compute-dtype bytes, B = micro-batch per device)
-    Tokens at resolution R: L = 2*(R/16)^2 + T (noisy + reference image tokens + T5 text), 2176 at 512^2.
-    D = heads*head_dim (3072), t = mesh tensor size; "heads/mlp-width" tensors are split over t, "embed-width"
-    ones are not (``act_embed`` is replicated by the rules). Per token per block, elements saved for backward
-    (f32 intermediates of LayerNorm/RMSNorm/RoPE counted as 2 bf16 units):
-        policy                               double block (19)            single block (38)
-        none (everything)                    18 D + 45 D/t  (+probs)      8 D + 47 D/t  (+probs)
-        dots_saveable (all matmul outputs)    4 D + 11 D/t + 4r (+scores)  2 D + 11 D/t + 3r (+scores)
-        dots_with_no_batch_dims_saveable      4 D + 10 D/t + 4r            2 D + 10 D/t + 3r
-        full (nothing_saveable)               1 D                          1 D
-    ("+probs"/"+scores": with the XLA attention implementation (the TPU default) the [H/t, L, L] attention
-    matrix is materialised: float32 + compute-dtype probabilities for ``none``, float32 logits for
+    L tokens per sample (above), T text tokens. D = heads*head_dim (3072 for both), t = mesh tensor size;
+    "heads/mlp-width" tensors are split over t, "embed-width" ones are not (``act_embed`` is replicated by the
+    rules). Per token per block, elements saved for backward (f32 intermediates of LayerNorm/RMSNorm/RoPE
+    counted as 2 bf16 units):
+        policy                              FLUX double (19)          FLUX single (38)         Qwen dual (60)
+        none (everything)                   18 D + 45 D/t (+probs)    8 D + 47 D/t (+probs)    14 D + 40 D/t + 4r (+probs)
+        dots_saveable (all matmul outputs)   4 D + 11 D/t + 4r (+sc)  2 D + 11 D/t + 3r (+sc)  4 D + 11 D/t + 4r (+sc)
+        dots_with_no_batch_dims_saveable     4 D + 10 D/t + 4r        2 D + 10 D/t + 3r        4 D + 10 D/t + 4r
+        full (nothing_saveable)              1 D                      1 D                      1 D
+    ("+probs"/"+sc": with the XLA attention implementation (the TPU default) the [H/t, L, L] attention
+    matrix is materialised: float32 + compute-dtype probabilities for ``none``, float32 scores for
     ``dots_saveable``; with cuDNN flash attention (the GPU default) it is never stored.
     ``dots_with_no_batch_dims_saveable`` never saves it: the attention matmuls have batch dims.)
-    r = LoRA rank, 4 LoRA targets per stream in a double block and 3 (q, k, v) in a single block; each LoRA
-    target also saves its B output (counted in the D terms). Outside the blocks (final norm in float32,
-    embedders) about 6 L D b more per sample are saved under every policy, plus float32 copies of the
-    timestep/guidance/text embedder weights (3 D^2 + 1280 D floats, once).
-    Calibration: the saved residuals that ``jax.ad_checkpoint`` reports for the full-width model cut to one
-    double block or one single block (B=1, L=2176, XLA attention, LoRA r=32) agree with this formula within
-    2% for every policy (full: 0.223 vs 0.219 GB; none single block: 1.626 vs 1.628 GB).
+    r = LoRA rank, 4 LoRA targets per stream in a double / dual block and 3 (q, k, v) in a single block; each
+    LoRA target also saves its B output (counted in the D terms).
+    Outside the blocks, per sample under every policy: FLUX ~6 L D b (final norm in float32, embedders) plus
+    float32 copies of the timestep/guidance/text embedder weights (3 D^2 + 1280 D floats, once); Qwen-Image
+    ~5.4 L D b (image in/out projections, final norm in float32) + 7 T*3584*b (the float32 text-input RMSNorm)
+    + float32 timestep-embedder weights (D^2 + 256 D floats, once), and with ``none`` + XLA attention the text-key
+    mask broadcast over the attention matrix (bool + float32 masked scores, 5 bytes x H/t x L^2: the layer scan
+    hoists this loop-invariant residual out of its body, one per sample, not per block).
+    Qwen-Image derivation: per stream its block runs the FLUX double block's sequence (modulated affine-free
+    LayerNorm, q/k/v + q/k RMSNorm, RoPE, joint attention, output projection, gated residual, 4x tanh-GELU MLP),
+    so the remat policies save FLUX's double-block matmul outputs; under ``none`` it saves 4 float32 LayerNorm
+    tensors (8) + 6 embed-width tensors (e = 14), 6 float32 RMSNorm tensors (12) + 6 MLP-width (24) + 4 q/k/v and
+    attention tensors (h = 40) and the 4 LoRA-A outputs.
+    Calibration: the saved residuals that ``jax.ad_checkpoint`` builds (weight slices excluded, see above), B=1,
+    XLA attention, LoRA r=32, full width. FLUX cut to one double block or one single block (L=2176): within 2%
+    for every policy (full: 0.223 vs 0.219 GB; none single block: 1.626 vs 1.628 GB); rechecked on the layer
+    scan (2 and 3 blocks of one kind, per interior block 3 - 2): none double 1.516 vs 1.524 GB, single 1.420 vs
+    1.417, dots_with_no_batch_dims_saveable double 0.1878 vs 0.1877, single 0.1609 vs 0.1608, totals within
+    2% for every policy (FLUX has no key mask: nothing is hoisted). Qwen-Image with 2 and 3
+    dual blocks under the layer scan (L=2304, T=256; a one-block cut runs as the python loop, where the
+    last block's text MLP is dead code and the mask is not hoisted, so it is not the shape of the 60-block run):
+    per interior block (3 - 2 blocks) none 1.534 GB measured vs 1.529 formula, dots_saveable 0.7226 vs 0.7225,
+    dots_with_no_batch_dims_saveable 0.1988 vs 0.1988, full 0.0142 vs 0.0142; totals within 1% for every
+    policy (2 blocks: none 3.837 vs 3.826 GB, full 0.1594 vs 0.1585 GB;
+    tests/test_plan.py::test_qwen_activation_formula_matches_saved_residuals).
     With a remat policy one block is recomputed at a time during backward: add B x (one block's ``none``
     activations + its attention matrix when XLA attention) as the working set. Saved activations of the
     v_theta forward only: v_old / v_ref forwards run without gradients and are covered by the working set.
-    Training total = B * ((19*double + 38*single) + 6 L D b) + working set.
+    Training total = B * (sum over block sets of count * block + outside) + once + working set.
     Rollout: rollout_batch_size / (data*fsdp) samples through one block at a time, no saved activations
-    (bounded by one double block's ``none`` activations per sample: an upper bound for inference).
+    (bounded by the largest block's ``none`` activations per sample + outside: an upper bound for inference).
     VAE: decoding the rollout batch (rollout_batch_size / (data*fsdp) images at once) keeps ~4 float32
-    [R, R, 128] tensors per image live at the top decoder level (the largest; ~0.5 GB per 512^2 image).
+    [R, R, w] tensors per image live at the top decoder level (the largest; w = 128 for FLUX, ~0.5 GB per
+    512^2 image; w = 96 for Qwen-Image, whose upsampler into that level holds its [R, R, 2w] input next to its
+    [R, R, w] output).
     Reward: reward.batch_size / (data*fsdp) sequences of ~ 2 images ((R/28)^2 tokens each) + 128 prompt tokens
     through one decoder layer at a time (hidden + 2*intermediate/t + q/k/v); the last-position logits only.
     Peak = static + max(training, rollout, VAE decode, reward); it fits when peak <= HBM * (1 - margin) (XLA
@@ -214,16 +268,13 @@ def vae_leaves(family_name: str = "kontext", dtype_name: str = "float32") -> lis
 
 
 @functools.lru_cache(maxsize=4)
-def text_encoder_leaves(family_name: str = "kontext", dtype_name: str = "bfloat16") -> tuple[str, list[Leaf],
-                                                                                              str | None]:
-    """(row label, leaves, reward size it is the same checkpoint as) of the family's text encoder(s)
-    (``Family.plan_text_encoders``: FLUX T5-XXL + CLIP-L; Qwen-Image-Edit Qwen2.5-VL-7B)."""
+def text_encoder_leaves(family_name: str = "kontext", dtype_name: str = "bfloat16") -> list[Leaf]:
+    """The family's text encoder(s) (``Family.plan_text_encoders``: FLUX T5-XXL + CLIP-L; Qwen-Image-Edit
+    Qwen2.5-VL-7B)."""
     from edit_r1_jax import editors
 
     with _fast_tracing():
-        enc = editors.get(family_name).plan_text_encoders(dtype_name)
-        leaves = [leaf for m in enc.modules for leaf in _leaves(m)]
-    return enc.name, leaves, enc.reward_size
+        return [leaf for m in editors.get(family_name).plan_text_encoders(dtype_name) for leaf in _leaves(m)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -365,14 +416,15 @@ def plan(config, mesh_shape: dict[str, int], chip: str, *, micro_batch: int | No
         add(f"reward Qwen2.5-VL-{reward.upper()}", qwen_leaves(reward), "frozen, bf16 assumed")
     else:
         rows.append(Row("reward model", 0, "-", 0, 0, "no MLLM reward"))
-    text_name, text_leaves, text_reward = text_encoder_leaves(fam.name, str(jnp.dtype(config.model.dtype)))
+    text_name = fam.plan_text_encoder_name
     if config.data.text_cache:
         rows.append(Row(text_name, 0, "-", 0, 0, "data.text_cache=True: embeddings come from the cache"))
-    elif text_reward is not None and text_reward == reward and _same_checkpoint(config):
+    elif fam.plan_text_encoder_reward == reward and _same_checkpoint(config):
         rows.append(Row(text_name, 0, "-", 0, 0, "data.text_cache=False: the reward model's weights "
                         "(reward.mllm_dir is model.dir/text_encoder: one copy)"))
     else:
-        add(text_name, text_leaves, "data.text_cache=False: resident on device")
+        add(text_name, text_encoder_leaves(fam.name, str(jnp.dtype(config.model.dtype))),
+            "data.text_cache=False: resident on device")
     add(f"VAE ({fam.plan_vae_name})", vae_leaves(fam.name, "float32"), "float32")
 
     # FSDP: one block's weights gathered to full width (split only by tensor), current + prefetched.

@@ -21,7 +21,7 @@ from flax import nnx
 from edit_r1_jax.diffusion import latents
 
 __all__ = ["Family", "Conditioner", "encode_reference", "decode_latents", "replicated_shardings", "PlanBlocks",
-           "PlanActivations", "PlanTextEncoders"]
+           "PlanActivations"]
 
 
 class Conditioner:
@@ -149,8 +149,12 @@ class Family:
 
 
     # -- planner: what edit_r1_jax/plan.py sizes, from a run config alone (no folder read, nothing allocated)
-    plan_transformer_name: str = ""  # the plan's row notes
+    plan_transformer_name: str = ""  # the plan's row labels and notes
     plan_vae_name: str = ""
+    plan_text_encoder_name: str = ""
+    # the reward model size ("7b") the text encoder is the same checkpoint as (one copy on the devices when
+    # reward.mllm_dir is model.dir/text_encoder, see tasks._shared_encoder), or None
+    plan_text_encoder_reward: str | None = None
 
     def plan_transformer_config(self, config):
         """The full-size transformer config of a run: the family's published sizes (its config dataclass
@@ -168,8 +172,9 @@ class Family:
         ``[R, R, width]`` per image)."""
         raise NotImplementedError
 
-    def plan_text_encoders(self, dtype="bfloat16") -> "PlanTextEncoders":
-        """The text encoder(s) resident on the devices when ``data.text_cache`` is False, as abstract modules."""
+    def plan_text_encoders(self, dtype="bfloat16") -> tuple:
+        """The text encoder(s) resident on the devices when ``data.text_cache`` is False, as abstract modules
+        (``nnx.eval_shape``)."""
         raise NotImplementedError
 
     def plan_tokens(self, config) -> dict[str, int]:
@@ -250,13 +255,3 @@ class PlanActivations:
     outside_attn: Mapping[str, float] = dataclasses.field(default_factory=dict)
     once: int = 0
 
-
-@dataclasses.dataclass(frozen=True)
-class PlanTextEncoders:
-    """``name``: the plan's row label; ``modules``: abstract modules (``nnx.eval_shape``); ``reward_size``: the
-    reward model size ("7b") this encoder is the same checkpoint as (shared when ``reward.mllm_dir`` is
-    ``model.dir/text_encoder``, see ``tasks._shared_encoder``), or None."""
-
-    name: str
-    modules: tuple
-    reward_size: str | None = None

@@ -163,6 +163,7 @@ class Kontext(Family):
     # -- planner (edit_r1_jax/plan.py)
     plan_transformer_name = "FLUX.1 transformer"
     plan_vae_name = "FLUX AutoencoderKL"
+    plan_text_encoder_name = "text encoders T5-XXL + CLIP-L"
 
     def plan_transformer_config(self, config):
         from edit_r1_jax.models.flux.modeling import FluxConfig
@@ -182,14 +183,13 @@ class Kontext(Family):
     def plan_text_encoders(self, dtype="bfloat16"):
         from flax import nnx
 
-        from edit_r1_jax.editors.base import PlanTextEncoders
         from edit_r1_jax.models.text.clip import CLIPTextConfig, CLIPTextModel
         from edit_r1_jax.models.text.t5 import T5Config, T5EncoderModel
 
         dt = jnp.dtype(dtype)  # default configs = the FLUX encoders (T5-XXL encoder, CLIP-L text tower)
         t5 = nnx.eval_shape(lambda: T5EncoderModel(T5Config(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
         clip = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
-        return PlanTextEncoders("text encoders T5-XXL + CLIP-L", (t5, clip))
+        return t5, clip
 
     def plan_sample_bytes(self, tcfg, config):
         tok = self.plan_tokens(config)

@@ -148,6 +148,8 @@ class QwenImageEdit(Family):
     # -- planner (edit_r1_jax/plan.py)
     plan_transformer_name = "Qwen-Image MMDiT"
     plan_vae_name = "Qwen-Image VAE"
+    plan_text_encoder_name = "text encoder Qwen2.5-VL-7B"
+    plan_text_encoder_reward = "7b"  # the same Qwen2.5-VL-7B checkpoint as the default MLLM reward
 
     def plan_transformer_config(self, config):
         from edit_r1_jax.editors.kontext import _plan_lora
@@ -170,12 +172,11 @@ class QwenImageEdit(Family):
     def plan_text_encoders(self, dtype="bfloat16"):
         from flax import nnx
 
-        from edit_r1_jax.editors.base import PlanTextEncoders
         from edit_r1_jax.models.qwen2_5_vl.model import Qwen2_5_VL, Qwen2_5_VLConfig
 
         dt = jnp.dtype(dtype)  # Qwen2_5_VLConfig defaults are the 7B sizes (the Qwen-Image-Edit text encoder)
         vlm = nnx.eval_shape(lambda: Qwen2_5_VL(Qwen2_5_VLConfig(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
-        return PlanTextEncoders("text encoder Qwen2.5-VL-7B", (vlm,), reward_size="7b")
+        return (vlm,)
 
     def plan_sample_bytes(self, tcfg, config):
         tok = self.plan_tokens(config)
