@@ -290,7 +290,15 @@ def shard_elems(leaf: Leaf, mesh) -> int:
     """Elements of ``leaf`` held by one device under the logical-axis rules."""
     if not leaf.axes:
         return leaf.size
-    spec = sharding_rules.partition_spec(leaf.axes, leaf.shape, mesh)
+    return _shard_elems(leaf.axes, leaf.shape, mesh, sharding_rules._rules)
+
+
+@functools.lru_cache(maxsize=65536)
+def _shard_elems(axes, shape, mesh, rules) -> int:
+    # cached: the stacked layers repeat the same (axes, shape) per layer, and the mesh search asks per mesh;
+    # keyed by the active rules too (parallel.rules.set_rules)
+    leaf = Leaf("", shape, 0, axes)
+    spec = sharding_rules.partition_spec(leaf.axes, leaf.shape, mesh, rules)
     n = 1
     for dim, entry in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
         names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))

@@ -516,3 +516,21 @@ def test_stacked_weight_slices_memory():
     assert 0.9 * layer < temp_scan < 1.5 * layer, (temp_scan, layer)
     temp_loop, _ = temp_and_layer(3, False)
     assert temp_loop > 2.2 * layer, (temp_loop, layer)
+
+
+def test_qwen_recommendation_for_48_devices(qconfig):
+    """The paper's 48-device Qwen run: a fitting mesh on every chip, batch-divisible (144 samples per
+    micro-batch and rollout), the least model sharding among those that fit; on a 32 GB v6e only full remat
+    fits (the 20.4 B bf16 DiT alone is 40.9 GB, so it must be sharded)."""
+    for chip in ("h100", "h200", "v5p", "v6e"):
+        rec = plan.recommend(qconfig, 48, chip)
+        best = rec["best"]
+        assert best is not None and best["fits"] and best["batch_divisible"], chip
+        assert math.prod(best["mesh"].values()) == 48 and 144 % (best["mesh"]["data"] * best["mesh"]["fsdp"]) == 0
+        sharding = best["mesh"]["fsdp"] * best["mesh"]["tensor"]
+        for shape in plan.candidate_meshes(48):
+            if shape["fsdp"] * shape["tensor"] < sharding:
+                p = plan.plan(qconfig, shape, chip, remat_policy=rec["remat_policy"])
+                assert not (p["fits"] and p["batch_divisible"]), (chip, shape)
+        if chip == "v6e":
+            assert rec["changed_policy"] and rec["remat_policy"] == "full" and sharding > 1
