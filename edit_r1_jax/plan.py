@@ -60,11 +60,11 @@ Activation estimate (training step, per device; b = compute-dtype bytes, B = mic
     "heads/mlp-width" tensors are split over t, "embed-width" ones are not (``act_embed`` is replicated by the
     rules). Per token per block, elements saved for backward (f32 intermediates of LayerNorm/RMSNorm/RoPE
     counted as 2 bf16 units):
-        policy                              FLUX double (19)          FLUX single (38)         Qwen dual (60)
-        none (everything)                   18 D + 45 D/t (+probs)    8 D + 47 D/t (+probs)    14 D + 40 D/t + 4r (+probs)
-        dots_saveable (all matmul outputs)   4 D + 11 D/t + 4r (+sc)  2 D + 11 D/t + 3r (+sc)  4 D + 11 D/t + 4r (+sc)
-        dots_with_no_batch_dims_saveable     4 D + 10 D/t + 4r        2 D + 10 D/t + 3r        4 D + 10 D/t + 4r
-        full (nothing_saveable)              1 D                      1 D                      1 D
+        policy                          FLUX double (19)        FLUX single (38)        Qwen dual (60)
+        none (everything)               18 D + 45 D/t (+probs)  8 D + 47 D/t (+probs)   14 D + 40 D/t + 4r (+probs)
+        dots_saveable (matmul outputs)  4 D + 11 D/t + 4r (+sc) 2 D + 11 D/t + 3r (+sc) 4 D + 11 D/t + 4r (+sc)
+        dots_with_no_batch_dims_sav.    4 D + 10 D/t + 4r       2 D + 10 D/t + 3r       4 D + 10 D/t + 4r
+        full (nothing_saveable)         1 D                     1 D                     1 D
     ("+probs"/"+sc": with the XLA attention implementation (the TPU default) the [H/t, L, L] attention
     matrix is materialised: float32 + compute-dtype probabilities for ``none``, float32 scores for
     ``dots_saveable``; with cuDNN flash attention (the GPU default) it is never stored.

@@ -534,3 +534,12 @@ def test_qwen_recommendation_for_48_devices(qconfig):
                 assert not (p["fits"] and p["batch_divisible"]), (chip, shape)
         if chip == "v6e":
             assert rec["changed_policy"] and rec["remat_policy"] == "full" and sharding > 1
+
+
+def test_qwen_cli(capsys):
+    plan.main(["--config", "configs/qwen_image_edit_mllm.py", "--devices", "48", "--chip", "v6e"])
+    text = capsys.readouterr().out
+    assert "Qwen-Image MMDiT, frozen" in text and "VAE (Qwen-Image VAE)" in text and "2304 tokens/sample" in text
+    [overrides] = [line.split()[1:] for line in text.splitlines() if line.startswith("overrides:")]
+    assert "--config.model.remat_policy=full" in overrides  # 32 GB per chip: only full remat fits (see above)
+    assert math.prod(int(o.rsplit("=", 1)[1]) for o in overrides if o.startswith("--config.mesh.")) == 48

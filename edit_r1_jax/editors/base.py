@@ -147,7 +147,6 @@ class Family:
         return engine.Policy(graphdef, type(self).velocity, img_ids, txt_ids, self.guidance(cfg, guidance),
                              (h * w, 4 * self.latent_channels(vae_cfg)))
 
-
     # -- planner: what edit_r1_jax/plan.py sizes, from a run config alone (no folder read, nothing allocated)
     plan_transformer_name: str = ""  # the plan's row labels and notes
     plan_vae_name: str = ""
@@ -254,4 +253,3 @@ class PlanActivations:
     text_width: int = 0
     outside_attn: Mapping[str, float] = dataclasses.field(default_factory=dict)
     once: int = 0
-

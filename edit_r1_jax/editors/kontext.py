@@ -159,7 +159,6 @@ class Kontext(Family):
         return encoder_fingerprint(model_dir, self.text_length(text_cfg), int(_field(text_cfg, "clip_length", 77)),
                                    compute_dtype)
 
-
     # -- planner (edit_r1_jax/plan.py)
     plan_transformer_name = "FLUX.1 transformer"
     plan_vae_name = "FLUX AutoencoderKL"

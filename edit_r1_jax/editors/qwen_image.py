@@ -144,7 +144,6 @@ class QwenImageEdit(Family):
 
         return prompt_encoder_fingerprint(model_dir, self.text_length(text_cfg), compute_dtype)
 
-
     # -- planner (edit_r1_jax/plan.py)
     plan_transformer_name = "Qwen-Image MMDiT"
     plan_vae_name = "Qwen-Image VAE"
