@@ -676,6 +676,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mesh is None and args.devices is None:
         parser.error("give --mesh data=D,fsdp=F,tensor=T or --devices N")
     config = load_config(args.config, rest)
+    from edit_r1_jax import editors
+
+    if str(config.task) not in editors.names():
+        raise SystemExit(f"--config {args.config}: task {config.task!r} has no memory plan (the planner sizes the "
+                         f"model families {', '.join(editors.names())})")
     kw = dict(micro_batch=args.micro_batch, reward=args.reward, margin=args.margin)
     result: dict[str, Any] = {}
     if args.mesh is not None:

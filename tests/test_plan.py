@@ -249,6 +249,7 @@ def test_cli_json_and_overrides():
 @pytest.mark.parametrize("argv,message", [
     (["--mesh", "data=2,pipe=4", "--chip", "v5p"], "--mesh"),
     (["--mesh", "data=2", "--chip", "v5p", "--config.train.no_such=1"], "no such field"),
+    (["--mesh", "data=2", "--chip", "v5p", "--config.task=toy"], "task 'toy' has no memory plan"),
 ])
 def test_cli_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
