@@ -3,53 +3,110 @@
     python -m edit_r1_jax.plan --config configs/kontext_mllm.py --mesh data=4,fsdp=8,tensor=1 --chip v5p \
         [--micro-batch N] [--reward 7b|32b|none] [--margin 0.15] [--json] [--config.train.micro_batch_size=96 ...]
     python -m edit_r1_jax.plan --config configs/kontext_mllm.py --devices 8 --chip h100   # search only
+    python -m edit_r1_jax.plan --config configs/qwen_image_edit_mllm.py --devices 48 --chip h200
 
 Nothing is allocated: every model is built with ``nnx.eval_shape`` and each parameter's per-device shard is
 derived from its ``logical_axes`` metadata through ``edit_r1_jax.parallel.rules.partition_spec`` on an
 ``AbstractMesh`` (dimensions the mesh axes do not divide are replicated, exactly as the trainer does).
 
+Model families: the plan is generic over ``config.task`` (``edit_r1_jax.editors``). What differs per family comes
+from the ``Family`` planner methods (editors/base.py, "planner" section): the full-size transformer config
+(``plan_transformer_config``), the VAE (``plan_vae_config`` + ``abstract_vae``, ``plan_vae_top_width``), the text
+encoders (``plan_text_encoders``), the per-sample epoch buffers (``plan_sample_bytes``), the token counts
+(``plan_tokens``) and the activation model with its block sets and parameter prefixes (``plan_activations``).
+Kontext: FLUX.1 DiT (19 double + 38 single blocks), FLUX VAE, T5-XXL + CLIP-L, L = 2*(R/16)^2 + 128 = 2176
+tokens at 512^2. Qwen-Image-Edit-2509: Qwen-Image MMDiT (60 dual-stream blocks, 20.4 B), Qwen-Image VAE,
+Qwen2.5-VL-7B text encoder, L = 2*(R/16)^2 + 256 = 2304 tokens at 512^2.
+
 What is counted (per device)
-    DiT base weights      FluxConfig full size (plus ``config.model.dit`` overrides), ``config.model.param_dtype``.
+    DiT base weights      the family's config at full size (plus ``config.model.dit`` overrides),
+                          ``config.model.param_dtype``.
     LoRA theta / theta_old / EMA, LoRA grads, AdamW mu+nu   float32, sharded by their logical axes.
     reward model          Qwen2.5-VL 7B (our ``Qwen2_5_VLConfig`` defaults) or 32B (published sizes), bf16
                           (the config has no reward dtype field: bf16 assumed), sharded by the same rules.
-    text encoders         T5-XXL encoder + CLIP-L text (``edit_r1_jax.models.text``) in the compute dtype; 0 when
-                          ``config.data.text_cache`` (embeddings are read from the cache during training).
-    VAE                   ``AutoencoderKL(AutoencoderKLConfig())`` (the FLUX VAE), float32 (the reference keeps it
-                          fp32).
+    text encoders         Kontext: T5-XXL encoder + CLIP-L text; Qwen-Image-Edit: Qwen2.5-VL-7B (vision tower
+                          included: the prompt embeddings see the source image); compute dtype. 0 when
+                          ``config.data.text_cache`` (embeddings are read from the cache during training), and 0
+                          for Qwen-Image-Edit when ``reward.mllm_dir`` is ``model.dir/text_encoder`` (the trainer
+                          then loads one copy for both, ``tasks._shared_encoder``).
+    VAE                   the family's VAE config defaults (FLUX AutoencoderKL; Qwen-Image VAE, 2-D on single
+                          images), float32 (the reference keeps it fp32).
     FSDP gather buffers   2 x the largest block gathered to full width (current + prefetched), when fsdp > 1.
+    layer weight slice    the largest block's per-device weights, once (see "Stacked layers" below).
     epoch buffers         per sample kept between rollout and training: x0 and reference latents (float32) and
-                          T5 + pooled CLIP embeddings (compute dtype), samples_per_epoch / (data*fsdp) samples.
+                          the ``cond`` text entries (Kontext: T5 in the compute dtype + pooled CLIP float32;
+                          Qwen-Image-Edit: prompt embeddings [256, 3584] compute dtype + int32 mask),
+                          samples_per_epoch / (data*fsdp) samples.
+
+Stacked layers (models/scan.py) and jax's saved residuals
+    The identical blocks are stored stacked ([L, ...]) and run under ``jax.lax.scan``; ``saved_residuals`` of a
+    model cut to ONE block lists that layer's weight slices as residuals (~0.5-0.7 GB per block set in bf16).
+    They are not activations: following each residual's producing equations back (tests/test_plan.py
+    ``_residuals``) they are a parameter input seen through squeeze/slice only (the one-layer stack runs as the
+    python loop, ``stacked[0]``). Whether they are device memory, from XLA's buffer assignment
+    (``memory_analysis`` of the compiled gradient, CPU, float32 stacked Linear blocks of 4.2 MB each,
+    tests/test_plan.py::test_stacked_weight_slices_memory): one layer 0.016 MB of temporaries (the slice of a
+    [1, ...] stack is a bitcast); 3 and 6 layers under the scan 4.3 and 4.4 MB (one layer's dynamic-slice buffer
+    at a time: the scan forwards the stacked weights to its backward instead of saving per-iteration slices,
+    and 2+ layer scans list no slice residuals at all); 3 and 6 layers as the python loop
+    (``scan_layers=False``) 12.6 and 25.3 MB (every slice kept until backward: the stack again). So the plan
+    counts one layer's slice under the scan ("layer weight slice", e.g. 0.68 GB for a bf16 FLUX double or
+    Qwen-Image block at fsdp = tensor = 1; a GPU/TPU backend that fuses the slice into the matmul needs less)
+    and every layer's slice with ``scan_layers=False`` ("layer weight slices"); the activation formula excludes
+    them. (bfloat16 on the CPU is no guide: XLA:CPU converts the whole bf16 stack to float32 for its dots.)
 
 Activation estimate (training step, per device; b = compute-dtype bytes, B = micro-batch per device)
-    Tokens at resolution R: L = 2*(R/16)^2 + T (noisy + reference image tokens + T5 text), 2176 at 512^2.
-    D = heads*head_dim (3072), t = mesh tensor size; "heads/mlp-width" tensors are split over t, "embed-width"
-    ones are not (``act_embed`` is replicated by the rules). Per token per block, elements saved for backward
-    (f32 intermediates of LayerNorm/RMSNorm/RoPE counted as 2 bf16 units):
-        policy                               double block (19)            single block (38)
-        none (everything)                    18 D + 45 D/t  (+probs)      8 D + 47 D/t  (+probs)
-        dots_saveable (all matmul outputs)    4 D + 11 D/t + 4r (+scores)  2 D + 11 D/t + 3r (+scores)
-        dots_with_no_batch_dims_saveable      4 D + 10 D/t + 4r            2 D + 10 D/t + 3r
-        full (nothing_saveable)               1 D                          1 D
-    ("+probs"/"+scores": with the XLA attention implementation (the TPU default) the [H/t, L, L] attention
-    matrix is materialised: float32 + compute-dtype probabilities for ``none``, float32 logits for
+    L tokens per sample (above), T text tokens. D = heads*head_dim (3072 for both), t = mesh tensor size;
+    "heads/mlp-width" tensors are split over t, "embed-width" ones are not (``act_embed`` is replicated by the
+    rules). Per token per block, elements saved for backward (f32 intermediates of LayerNorm/RMSNorm/RoPE
+    counted as 2 bf16 units):
+        policy                          FLUX double (19)        FLUX single (38)        Qwen dual (60)
+        none (everything)               18 D + 45 D/t (+probs)  8 D + 47 D/t (+probs)   14 D + 40 D/t + 4r (+probs)
+        dots_saveable (matmul outputs)  4 D + 11 D/t + 4r (+sc) 2 D + 11 D/t + 3r (+sc) 4 D + 11 D/t + 4r (+sc)
+        dots_with_no_batch_dims_sav.    4 D + 10 D/t + 4r       2 D + 10 D/t + 3r       4 D + 10 D/t + 4r
+        full (nothing_saveable)         1 D                     1 D                     1 D
+    ("+probs"/"+sc": with the XLA attention implementation (the TPU default) the [H/t, L, L] attention
+    matrix is materialised: float32 + compute-dtype probabilities for ``none``, float32 scores for
     ``dots_saveable``; with cuDNN flash attention (the GPU default) it is never stored.
     ``dots_with_no_batch_dims_saveable`` never saves it: the attention matmuls have batch dims.)
-    r = LoRA rank, 4 LoRA targets per stream in a double block and 3 (q, k, v) in a single block; each LoRA
-    target also saves its B output (counted in the D terms). Outside the blocks (final norm in float32,
-    embedders) about 6 L D b more per sample are saved under every policy, plus float32 copies of the
-    timestep/guidance/text embedder weights (3 D^2 + 1280 D floats, once).
-    Calibration: the saved residuals that ``jax.ad_checkpoint`` reports for the full-width model cut to one
-    double block or one single block (B=1, L=2176, XLA attention, LoRA r=32) agree with this formula within
-    2% for every policy (full: 0.223 vs 0.219 GB; none single block: 1.626 vs 1.628 GB).
+    r = LoRA rank, 4 LoRA targets per stream in a double / dual block and 3 (q, k, v) in a single block; each
+    LoRA target also saves its B output (counted in the D terms).
+    Outside the blocks, per sample under every policy: FLUX ~6 L D b (final norm in float32, embedders) plus
+    float32 copies of the timestep/guidance/text embedder weights (3 D^2 + 1280 D floats, once); Qwen-Image
+    ~5.4 L D b (image in/out projections, final norm in float32) + 7 T*3584*b (the float32 text-input RMSNorm)
+    + float32 timestep-embedder weights (D^2 + 256 D floats, once), and with ``none`` + XLA attention the text-key
+    mask broadcast over the attention matrix (bool + float32 masked scores, 5 bytes x H/t x L^2: the layer scan
+    hoists this loop-invariant residual out of its body, one per sample, not per block).
+    Qwen-Image derivation: per stream its block runs the FLUX double block's sequence (modulated affine-free
+    LayerNorm, q/k/v + q/k RMSNorm, RoPE, joint attention, output projection, gated residual, 4x tanh-GELU MLP),
+    so the remat policies save FLUX's double-block matmul outputs; under ``none`` it saves 4 float32 LayerNorm
+    tensors (8) + 6 embed-width tensors (e = 14), 6 float32 RMSNorm tensors (12) + 6 MLP-width (24) + 4 q/k/v and
+    attention tensors (h = 40) and the 4 LoRA-A outputs.
+    Calibration: the saved residuals that ``jax.ad_checkpoint`` builds (weight slices excluded, see above), B=1,
+    XLA attention, LoRA r=32, full width. FLUX cut to one double block or one single block (L=2176): within 2%
+    for every policy (full: 0.223 vs 0.219 GB; none single block: 1.626 vs 1.628 GB); rechecked on the layer
+    scan (2 and 3 blocks of one kind, per interior block 3 - 2): none double 1.516 vs 1.524 GB, single 1.420 vs
+    1.417, dots_with_no_batch_dims_saveable double 0.1878 vs 0.1877, single 0.1609 vs 0.1608, totals within
+    2% for every policy (FLUX has no key mask: nothing is hoisted). Qwen-Image with 2 and 3
+    dual blocks under the layer scan (L=2304, T=256; a one-block cut runs as the python loop, where the
+    last block's text MLP is dead code and the mask is not hoisted, so it is not the shape of the 60-block run):
+    per interior block (3 - 2 blocks) none 1.534 GB measured vs 1.529 formula, dots_saveable 0.7226 vs 0.7225,
+    dots_with_no_batch_dims_saveable 0.1988 vs 0.1988, full 0.0142 vs 0.0142; totals within 1% for every
+    policy (2 blocks: none 3.837 vs 3.826 GB, full 0.1594 vs 0.1585 GB;
+    tests/test_plan.py::test_qwen_activation_formula_matches_saved_residuals).
     With a remat policy one block is recomputed at a time during backward: add B x (one block's ``none``
     activations + its attention matrix when XLA attention) as the working set. Saved activations of the
     v_theta forward only: v_old / v_ref forwards run without gradients and are covered by the working set.
-    Training total = B * ((19*double + 38*single) + 6 L D b) + working set.
+    Training total = B * (sum over block sets of count * block + outside) + once + working set.
     Rollout: rollout_batch_size / (data*fsdp) samples through one block at a time, no saved activations
-    (bounded by one double block's ``none`` activations per sample: an upper bound for inference).
+    (bounded by the largest block's ``none`` activations per sample + outside: an upper bound for inference).
     VAE: decoding the rollout batch (rollout_batch_size / (data*fsdp) images at once) keeps ~4 float32
-    [R, R, 128] tensors per image live at the top decoder level (the largest; ~0.5 GB per 512^2 image).
+    [R, R, w] tensors per image live at the top decoder level (the largest; w = 128 for FLUX, ~0.5 GB per
+    512^2 image; w = 96 for Qwen-Image, whose upsampler into that level holds its [R, R, 2w] input next to its
+    [R, R, w] output). Checked against XLA:CPU's buffer assignment of one float32 decode (memory_analysis
+    temporaries, 64^2 and 128^2): Qwen-Image 7.1 / 25.3 MB vs 6.3 / 25.2 MB estimated; FLUX 14.7 / 58.7 MB vs
+    8.4 / 33.6 MB, i.e. the FLUX bound is 1.75x low on the CPU (left as it was; GPU/TPU buffer assignment
+    differs, and the decode is below the training activations in every plan above).
     Reward: reward.batch_size / (data*fsdp) sequences of ~ 2 images ((R/28)^2 tokens each) + 128 prompt tokens
     through one decoder layer at a time (hidden + 2*intermediate/t + q/k/v); the last-position logits only.
     Peak = static + max(training, rollout, VAE decode, reward); it fits when peak <= HBM * (1 - margin) (XLA
@@ -93,17 +150,6 @@ MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_ORDER = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")
 MAX_TENSOR = 8
 
-# (embed-width coefficient, heads/mlp-width coefficient, LoRA rank coefficient, attention matrix kind)
-# per token per block; see the module docstring.
-_OUTSIDE = 6  # [L, D]-sized residuals outside the blocks per sample (final norm in float32, embedders)
-_SAVED = {
-    "none": {"double": (18, 45, 0, "probs"), "single": (8, 47, 0, "probs")},
-    "dots_saveable": {"double": (4, 11, 4, "scores"), "single": (2, 11, 3, "scores")},
-    "dots_with_no_batch_dims_saveable": {"double": (4, 10, 4, None), "single": (2, 10, 3, None)},
-    "full": {"double": (1, 0, 0, None), "single": (1, 0, 0, None)},
-}
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Abstract parameter inventories.
 
@@ -143,7 +189,11 @@ def _fast_tracing():
 
 
 def _leaves(abstract_module, variable_type=None) -> list[Leaf]:
-    state = nnx.state(abstract_module) if variable_type is None else nnx.state(abstract_module, variable_type)
+    """Per-layer leaves of an abstract module (or its ``nnx.State``), optionally of one variable type."""
+    if isinstance(abstract_module, nnx.State):
+        state = abstract_module if variable_type is None else nnx.state(abstract_module, variable_type)
+    else:
+        state = nnx.state(abstract_module) if variable_type is None else nnx.state(abstract_module, variable_type)
     out = []
     for path, v in nnx.to_flat_state(state):
         value = v.get_value() if isinstance(v, nnx.Variable) else v
@@ -159,19 +209,21 @@ def _leaves(abstract_module, variable_type=None) -> list[Leaf]:
     return out
 
 
-def flux_config(config):
-    from edit_r1_jax.models.flux.modeling import FluxConfig
-    from edit_r1_jax.models.lora import LoRAConfig
+def family(config):
+    """The model family of ``config.task`` (``edit_r1_jax.editors``); what differs per family goes through it."""
+    from edit_r1_jax import editors
 
-    lora = LoRAConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
-    overrides = dict(config.model.get("dit", {}) or {})
-    return FluxConfig(**overrides, dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype),
-                      lora=lora)
+    return editors.get(str(config.task))
+
+
+def transformer_config(config):
+    """The full-size transformer config of ``config``'s family (``config.model.dit`` overrides, dtypes, LoRA)."""
+    return family(config).plan_transformer_config(config)
 
 
 @functools.lru_cache(maxsize=8)
 def dit_leaves(cfg, family=None) -> tuple[list[Leaf], list[Leaf]]:
-    """(base leaves, LoRA leaves) of the family's transformer for ``cfg`` (default: FLUX), from eval_shape."""
+    """(base leaves, LoRA leaves) of ``family``'s transformer for ``cfg`` (default: FLUX), from eval_shape."""
     from edit_r1_jax import editors
     from edit_r1_jax.models.lora import LoRAParam
 
@@ -208,27 +260,24 @@ def qwen_leaves(size: str, dtype_name: str = "bfloat16") -> list[Leaf]:
     return _leaves(model)
 
 
-@functools.lru_cache(maxsize=2)
-def vae_leaves(dtype_name: str = "float32") -> list[Leaf]:
-    from edit_r1_jax.models.flux.autoencoder import AutoencoderKL, AutoencoderKLConfig
+@functools.lru_cache(maxsize=4)
+def vae_leaves(family_name: str = "kontext", dtype_name: str = "float32") -> list[Leaf]:
+    """The family's full-size VAE (``Family.plan_vae_config``)."""
+    from edit_r1_jax import editors
 
-    cfg = AutoencoderKLConfig(dtype=jnp.dtype(dtype_name), param_dtype=jnp.dtype(dtype_name))
+    fam = editors.get(family_name)
     with _fast_tracing():
-        model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
-    return _leaves(model)
+        return _leaves(fam.abstract_vae(fam.plan_vae_config(dtype_name)))
 
 
-@functools.lru_cache(maxsize=2)
-def text_encoder_leaves(dtype_name: str = "bfloat16") -> list[Leaf]:
-    """T5-XXL encoder + CLIP-L text tower (``edit_r1_jax.models.text``, default configs = the FLUX encoders)."""
-    from edit_r1_jax.models.text.clip import CLIPTextConfig, CLIPTextModel
-    from edit_r1_jax.models.text.t5 import T5Config, T5EncoderModel
+@functools.lru_cache(maxsize=4)
+def text_encoder_leaves(family_name: str = "kontext", dtype_name: str = "bfloat16") -> list[Leaf]:
+    """The family's text encoder(s) (``Family.plan_text_encoders``: FLUX T5-XXL + CLIP-L; Qwen-Image-Edit
+    Qwen2.5-VL-7B)."""
+    from edit_r1_jax import editors
 
-    dt = jnp.dtype(dtype_name)
     with _fast_tracing():
-        t5 = nnx.eval_shape(lambda: T5EncoderModel(T5Config(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
-        clip = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
-    return _leaves(t5) + _leaves(clip)
+        return [leaf for m in editors.get(family_name).plan_text_encoders(dtype_name) for leaf in _leaves(m)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,7 +293,15 @@ def shard_elems(leaf: Leaf, mesh) -> int:
     """Elements of ``leaf`` held by one device under the logical-axis rules."""
     if not leaf.axes:
         return leaf.size
-    spec = sharding_rules.partition_spec(leaf.axes, leaf.shape, mesh)
+    return _shard_elems(leaf.axes, leaf.shape, mesh, sharding_rules._rules)
+
+
+@functools.lru_cache(maxsize=65536)
+def _shard_elems(axes, shape, mesh, rules) -> int:
+    # cached: the stacked layers repeat the same (axes, shape) per layer, and the mesh search asks per mesh;
+    # keyed by the active rules too (parallel.rules.set_rules)
+    leaf = Leaf("", shape, 0, axes)
+    spec = sharding_rules.partition_spec(leaf.axes, leaf.shape, mesh, rules)
     n = 1
     for dim, entry in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
         names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
@@ -262,10 +319,12 @@ def total_bytes(leaves: Sequence[Leaf], itemsize: int | None = None) -> int:
 
 
 def _block_leaves(base: Sequence[Leaf], prefix: str) -> dict[str, list[Leaf]]:
+    """Per-layer leaves ``<prefix>.<i>.<rest>`` grouped by layer index i."""
     blocks: dict[str, list[Leaf]] = {}
+    depth = len(prefix.split("."))
     for leaf in base:
         if leaf.path.startswith(prefix + "."):
-            idx = leaf.path.split(".")[1]
+            idx = leaf.path.split(".")[depth]
             blocks.setdefault(idx, []).append(leaf)
     return blocks
 
@@ -288,15 +347,18 @@ def _dtype_name(itemsize):
     return {4: "float32", 2: "bfloat16", 1: "int8"}.get(itemsize, f"{itemsize}B")
 
 
-def activation_bytes(policy: str, *, micro_batch: int, tokens: int, dim: int, heads: int, rank: int,
-                     n_double: int, n_single: int, tensor: int, itemsize: int, xla_attention: bool) -> dict:
-    """Training activations per device (see the module docstring for the formula)."""
-    b, t, L = itemsize, tensor, tokens
-    heads_t = -(-heads // t) if heads % t == 0 else heads  # heads not divisible by t: replicated
+def activation_bytes(policy: str, model, *, micro_batch: int, tokens: int, text_tokens: int = 0, tensor: int,
+                     itemsize: int, xla_attention: bool, counts: dict[str, int] | None = None) -> dict:
+    """Training activations per device of the activation model ``model`` (``Family.plan_activations``; see the
+    module docstring). ``counts``: blocks per kind instead of the model's own (e.g. one block for the rollout)."""
+    b, t, L, dim = itemsize, tensor, tokens, model.dim
+    heads_t = -(-model.heads // t) if model.heads % t == 0 else model.heads  # heads not divisible by t: replicated
+    if policy not in REMAT_ORDER:
+        raise ValueError(f"model.remat_policy={policy!r}: one of {sorted(REMAT_ORDER)}")
 
-    def per_block(kind, pol):
-        e, h, r, attn = _SAVED[pol][kind]
-        elems_per_token = e * dim + h * dim / t + r * rank
+    def per_block(blocks, pol):
+        e, h, r, attn = blocks.saved[pol]
+        elems_per_token = e * dim + h * dim / t + r * model.rank
         out = elems_per_token * L * b
         if xla_attention and attn == "probs":
             out += heads_t * L * L * (4 + b)
@@ -304,12 +366,15 @@ def activation_bytes(policy: str, *, micro_batch: int, tokens: int, dim: int, he
             out += heads_t * L * L * 4
         return out
 
-    saved = n_double * per_block("double", policy) + n_single * per_block("single", policy)
-    saved += _OUTSIDE * L * dim * b
+    counts = {blk.kind: blk.count for blk in model.blocks} if counts is None else counts
+    saved = sum(counts.get(blk.kind, 0) * per_block(blk, policy) for blk in model.blocks)
+    saved += (model.outside * L * dim + model.outside_text * text_tokens * model.text_width) * b
+    if xla_attention:
+        saved += model.outside_attn.get(policy, 0) * heads_t * L * L
     working = 0.0
     if policy != "none":
-        working = max(per_block("double", "none"), per_block("single", "none"))
-    once = (3 * dim * dim + 1280 * dim) * 4  # float32 copies of the embedder weights, independent of B
+        working = max(per_block(blk, "none") for blk in model.blocks)
+    once = model.once
     return dict(policy=policy, saved=int(micro_batch * saved + once), working=int(micro_batch * working),
                 total=int(micro_batch * (saved + working) + once))
 
@@ -340,8 +405,10 @@ def plan(config, mesh_shape: dict[str, int], chip: str, *, micro_batch: int | No
     tensor = mesh_shape["tensor"]
     notes: list[str] = []
 
-    fcfg = flux_config(config)
-    base, lora = dit_leaves(fcfg)
+    fam = family(config)
+    tcfg = fam.plan_transformer_config(config)
+    base, lora = dit_leaves(tcfg, fam)
+    model = fam.plan_activations(tcfg)
     rows: list[Row] = []
 
     def add(name, leaves, note="", itemsize=None, copies=1):
@@ -350,7 +417,7 @@ def plan(config, mesh_shape: dict[str, int], chip: str, *, micro_batch: int | No
                         copies * total_bytes(leaves, itemsize), copies * per_device_bytes(leaves, mesh, itemsize),
                         note))
 
-    add("DiT base weights", base, "FLUX.1 transformer, frozen")
+    add("DiT base weights", base, f"{fam.plan_transformer_name}, frozen")
     add("LoRA theta + theta_old + EMA", lora, "3 copies", itemsize=4, copies=3)
     add("LoRA grads", lora, "accumulated over micro-batches", itemsize=4)
     add("AdamW mu + nu", lora, "2 x LoRA", itemsize=4, copies=2)
@@ -360,34 +427,43 @@ def plan(config, mesh_shape: dict[str, int], chip: str, *, micro_batch: int | No
         add(f"reward Qwen2.5-VL-{reward.upper()}", qwen_leaves(reward), "frozen, bf16 assumed")
     else:
         rows.append(Row("reward model", 0, "-", 0, 0, "no MLLM reward"))
+    text_name = fam.plan_text_encoder_name
     if config.data.text_cache:
-        rows.append(Row("text encoders T5-XXL + CLIP-L", 0, "-", 0, 0,
-                        "data.text_cache=True: embeddings come from the cache"))
+        rows.append(Row(text_name, 0, "-", 0, 0, "data.text_cache=True: embeddings come from the cache"))
+    elif fam.plan_text_encoder_reward == reward and _same_checkpoint(config):
+        rows.append(Row(text_name, 0, "-", 0, 0, "data.text_cache=False: the reward model's weights "
+                        "(reward.mllm_dir is model.dir/text_encoder: one copy)"))
     else:
-        add("text encoders T5-XXL + CLIP-L", text_encoder_leaves(str(jnp.dtype(config.model.dtype))),
+        add(text_name, text_encoder_leaves(fam.name, str(jnp.dtype(config.model.dtype))),
             "data.text_cache=False: resident on device")
-    add("VAE (FLUX AutoencoderKL)", vae_leaves("float32"), "float32")
+    add(f"VAE ({fam.plan_vae_name})", vae_leaves(fam.name, "float32"), "float32")
 
     # FSDP: one block's weights gathered to full width (split only by tensor), current + prefetched.
     gather = 0
     if mesh_shape["fsdp"] > 1:
         tmesh = abstract_mesh({"tensor": tensor})
-        blocks = list(_block_leaves(base, "transformer_blocks").values()) + \
-            list(_block_leaves(base, "single_transformer_blocks").values())
+        blocks = [blk for bs in model.blocks for blk in _block_leaves(base, bs.prefix).values()]
         gather = 2 * max(per_device_bytes(blk, tmesh) for blk in blocks)
     rows.append(Row("FSDP gather buffers", 0, "-", 0, gather, "2 blocks at full width" if gather else "fsdp=1"))
+    # The stacked layers' per-layer weight slices (see "Stacked layers" in the module docstring): under the
+    # layer scan one layer's slice buffer at a time; the python loop (scan_layers=False) keeps every slice.
+    per_layer = [per_device_bytes(blk, mesh) for bs in model.blocks for blk in _block_leaves(base, bs.prefix).values()]
+    if getattr(tcfg, "scan_layers", True):
+        rows.append(Row("layer weight slice", 0, "-", 0, max(per_layer, default=0),
+                        "one stacked layer's dynamic-slice in the scan"))
+    else:
+        rows.append(Row("layer weight slices", 0, "-", 0, sum(per_layer),
+                        "scan_layers=False: every layer's slice is kept for backward"))
 
     res = int(config.data.resolution)
-    img_tokens = (res // 16) ** 2
-    text_len = int(config.text.t5_length)
+    tok = fam.plan_tokens(config)
     cdt = jnp.dtype(config.model.dtype).itemsize
     per_epoch = (int(config.sample.group_size) * int(config.sample.groups_per_batch)
                  * int(config.sample.num_batches_per_epoch))
-    per_sample = 2 * img_tokens * fcfg.in_channels * 4 + text_len * fcfg.joint_attention_dim * cdt \
-        + fcfg.pooled_projection_dim * 4
+    per_sample, what = fam.plan_sample_bytes(tcfg, config)
     samples_dev = -(-per_epoch // batch_shards)
     rows.append(Row("epoch sample buffers", 0, "-", per_epoch * per_sample, samples_dev * per_sample,
-                    f"{samples_dev} samples x (x0, ref latents, T5, pooled)"))
+                    f"{samples_dev} samples x ({what})"))
 
     # Activations.
     global_micro = int(config.train.micro_batch_size)
@@ -400,22 +476,22 @@ def plan(config, mesh_shape: dict[str, int], chip: str, *, micro_batch: int | No
                          f"divisible by data*fsdp={batch_shards} (config.validate rejects this); "
                          f"estimated with {micro_batch} per device")
     policy = remat_policy or str(config.model.remat_policy)
-    if policy not in _SAVED:
-        raise ValueError(f"model.remat_policy={policy!r}: one of {sorted(_SAVED)}")
     impl = str(config.model.get("attention_impl", "") or "")
     xla_attention = impl == "xla" or (impl == "" and chip not in GPU_CHIPS)
-    tokens = 2 * img_tokens + text_len
-    kw = dict(micro_batch=micro_batch, tokens=tokens, dim=fcfg.inner_dim, heads=fcfg.num_attention_heads,
-              rank=int(config.lora.rank), n_double=fcfg.num_layers, n_single=fcfg.num_single_layers,
-              tensor=tensor, itemsize=cdt, xla_attention=xla_attention)
-    acts = {p: activation_bytes(p, **kw) for p in REMAT_ORDER}
+    tokens = tok["image"] + tok["reference"] + tok["text"]
+    kw = dict(micro_batch=micro_batch, tokens=tokens, text_tokens=tok["text"], tensor=tensor, itemsize=cdt,
+              xla_attention=xla_attention)
+    acts = {p: activation_bytes(p, model, **kw) for p in REMAT_ORDER}
+    if policy not in acts:
+        raise ValueError(f"model.remat_policy={policy!r}: one of {sorted(acts)}")
     train_act = acts[policy]["total"]
     rollout_dev = -(-rollout // batch_shards)
-    rollout_act = activation_bytes("none", **{**kw, "micro_batch": rollout_dev, "n_double": 1,
-                                              "n_single": 0})["total"]
+    # inference: one block at a time (the largest kind's ``none`` activations bound it)
+    rollout_act = max(activation_bytes("none", model, **{**kw, "micro_batch": rollout_dev},
+                                       counts={blk.kind: 1})["total"] for blk in model.blocks)
     reward_dev = -(-int(config.reward.batch_size) // batch_shards)
     reward_act = _reward_transient(reward, reward_dev, res, tensor, 2)
-    vae_act = rollout_dev * 4 * res * res * 128 * 4
+    vae_act = rollout_dev * 4 * res * res * fam.plan_vae_top_width(fam.plan_vae_config()) * 4
 
     static = sum(r.per_device for r in rows)
     peak = static + max(train_act, rollout_act, vae_act, reward_act)
@@ -430,6 +506,15 @@ def plan(config, mesh_shape: dict[str, int], chip: str, *, micro_batch: int | No
         reward_transient=reward_act, vae_transient=vae_act, peak=peak, fits=peak <= usable, headroom=usable - peak,
         notes=notes,
     )
+
+
+def _same_checkpoint(config) -> bool:
+    """Whether the reward model is the family's text encoder checkpoint (``tasks._shared_encoder`` then loads
+    one copy): ``reward.mllm_dir`` resolves to ``model.dir/text_encoder``."""
+    from pathlib import Path
+
+    mllm, model_dir = str(config.reward.get("mllm_dir", "") or ""), str(config.model.get("dir", "") or "")
+    return bool(mllm and model_dir) and Path(mllm).resolve() == (Path(model_dir) / "text_encoder").resolve()
 
 
 def candidate_meshes(devices: int) -> list[dict[str, int]]:
@@ -591,6 +676,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mesh is None and args.devices is None:
         parser.error("give --mesh data=D,fsdp=F,tensor=T or --devices N")
     config = load_config(args.config, rest)
+    from edit_r1_jax import editors
+
+    if str(config.task) not in editors.names():
+        raise SystemExit(f"--config {args.config}: task {config.task!r} has no memory plan (the planner sizes the "
+                         f"model families {', '.join(editors.names())})")
     kw = dict(micro_batch=args.micro_batch, reward=args.reward, margin=args.margin)
     result: dict[str, Any] = {}
     if args.mesh is not None:

@@ -39,7 +39,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def leaves(config):
-    return plan.dit_leaves(plan.flux_config(config))
+    return plan.dit_leaves(plan.transformer_config(config))
 
 
 def row(p, name):
@@ -139,7 +139,7 @@ def test_param_bytes_match_a_real_model():
                        axes_dims_rope=(4, 6, 6), joint_attention_dim=96, pooled_projection_dim=32)
     c.model.param_dtype = "float32"
     c.lora.rank = 4
-    _, base, lora = split_policy(FluxTransformer(plan.flux_config(c), rngs=nnx.Rngs(0)))
+    _, base, lora = split_policy(FluxTransformer(plan.transformer_config(c), rngs=nnx.Rngs(0)))
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
     p = plan.plan(c, {"data": 1}, "h200")
     assert row(p, "DiT base weights")["total"] == nbytes(base)
@@ -249,6 +249,7 @@ def test_cli_json_and_overrides():
 @pytest.mark.parametrize("argv,message", [
     (["--mesh", "data=2,pipe=4", "--chip", "v5p"], "--mesh"),
     (["--mesh", "data=2", "--chip", "v5p", "--config.train.no_such=1"], "no such field"),
+    (["--mesh", "data=2", "--chip", "v5p", "--config.task=toy"], "task 'toy' has no memory plan"),
 ])
 def test_cli_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -256,35 +257,81 @@ def test_cli_errors(argv, message, capsys):
     assert message in str(e.value)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Saved residuals: what JAX keeps for backward, split by where each value comes from.
+
+_VIEW_OPS = ("squeeze", "slice", "dynamic_slice", "reshape", "reduce_precision")
+
+
+def _residuals(f, *args):
+    """``[(aval, kind)]`` for every residual of ``jax.vjp(f, *args)`` (as ``jax.ad_checkpoint``'s
+    saved_residuals builds them), ``kind``: "argument" (an input itself), "param_slice" (an input parameter seen
+    through slicing / squeezing / reshaping only: a layer's slice of a stacked weight, found by following the
+    producing equations back to the input, not by shape) or "activation" (computed)."""
+    flat, tree = jax.tree.flatten(args)
+    n_params = len(jax.tree.leaves(args[:2]))  # (lora, base) come first
+
+    def f_(*a):
+        return f(*jax.tree.unflatten(tree, a))
+
+    closed, out_shape = jax.make_jaxpr(lambda *a: jax.vjp(f_, *a), return_shape=True)(*flat)
+    jaxpr = closed.jaxpr
+    n_res = len(jax.tree.leaves(out_shape[1]))
+    producer = {v: e for e in jaxpr.eqns for v in e.outvars}
+    inputs = {v: i for i, v in enumerate(jaxpr.invars)}
+    out = []
+    for v in jaxpr.outvars[len(jaxpr.outvars) - n_res:]:
+        if not hasattr(v, "count") and hasattr(v, "val"):  # a literal
+            out.append((v.aval, "activation"))
+            continue
+        root = v
+        while root in producer and producer[root].primitive.name in _VIEW_OPS:
+            root = producer[root].invars[0]
+        if v in inputs:
+            out.append((v.aval, "argument"))
+        elif inputs.get(root, n_params) < n_params:
+            out.append((v.aval, "param_slice"))
+        else:
+            out.append((v.aval, "activation"))
+    return out
+
+
+def _nbytes(aval):
+    return math.prod(aval.shape) * aval.dtype.itemsize
+
+
+def _cut_model(config, **overrides):
+    import dataclasses
+
+    from flax import nnx
+
+    from edit_r1_jax.models.lora import split_policy
+
+    cfg = dataclasses.replace(plan.transformer_config(config), attention_impl="xla", **overrides)
+    fam = plan.family(config)
+    with plan._fast_tracing():
+        model = fam.abstract_transformer(cfg)
+    return (cfg, *split_policy(model))
+
 
 @pytest.mark.parametrize("policy,blocks", [("none", (0, 1)), ("full", (0, 1)), ("dots_saveable", (0, 1)),
                                            ("dots_with_no_batch_dims_saveable", (0, 1)),
                                            ("dots_with_no_batch_dims_saveable", (1, 0))])
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: with the stacked (scanned) layer layout, saved_residuals also lists each layer's slice of the "
-    "stacked base weights (~280 MB per block set here, with scan and with the python loop alike); the plan's "
-    "activation formula does not model it yet. strict: this fails loudly once the formula is updated."))
 def test_activation_formula_matches_saved_residuals(config, policy, blocks):
-    """The activations JAX saves for backward, for the full-width model cut to one block (B=1, L=2176, XLA
-    attention, LoRA r=32), against the plan's formula."""
-    import dataclasses
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+    """The activations JAX saves for backward, for the full-width FLUX cut to one block (B=1, L=2176, XLA
+    attention, LoRA r=32), against the plan's formula.
 
-    try:
-        from jax._src.ad_checkpoint import saved_residuals
-    except ImportError:  # private helper behind jax.ad_checkpoint.print_saved_residuals
-        pytest.skip("jax moved saved_residuals")
-    from edit_r1_jax.models.flux.modeling import FluxTransformer
-    from edit_r1_jax.models.lora import apply, split_policy
+    A one-layer stack runs as a python loop whose ``stacked[0]`` slices (squeeze of a [1, ...] parameter) are
+    residuals too: they are the parameters themselves (identified by following each residual's producers back
+    to a parameter input through view ops only), and XLA compiles them to bitcasts of the input, no memory
+    (test_stacked_weight_slices_memory). They are excluded here; their shapes are per-layer parameter shapes and
+    they add up to at most the block's parameters (~0.5-0.7 GB in bf16)."""
+    import jax.numpy as jnp
+
+    from edit_r1_jax.models.lora import apply
 
     n_double, n_single = blocks
-    cfg = dataclasses.replace(plan.flux_config(config), num_layers=n_double, num_single_layers=n_single,
-                              remat_policy=policy, attention_impl="xla")
-    with plan._fast_tracing():
-        model = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
-    g, base, lora = split_policy(model)
+    cfg, g, base, lora = _cut_model(config, num_layers=n_double, num_single_layers=n_single, remat_policy=policy)
     n, t = 2048, 128
     s = jax.ShapeDtypeStruct
     args = (s((1, n, 64), jnp.bfloat16), s((1, t, 4096), jnp.bfloat16), s((1, 768), jnp.float32),
@@ -293,9 +340,207 @@ def test_activation_formula_matches_saved_residuals(config, policy, blocks):
     def loss(l, b, *a):
         return jnp.mean(apply(g, b, l, *a, jnp.full((1,), 2.5)).astype(jnp.float32) ** 2)
 
-    measured = sum(math.prod(a.shape) * a.dtype.itemsize for a, why in saved_residuals(loss, lora, base, *args)
-                   if "from the argument" not in why)
-    est = plan.activation_bytes(policy, micro_batch=1, tokens=n + t, dim=3072, heads=24, rank=32,
-                                n_double=n_double, n_single=n_single, tensor=1, itemsize=2,
+    res = _residuals(loss, lora, base, *args)
+    slices = [a for a, kind in res if kind == "param_slice"]
+    per_layer = {(tuple(leaf.shape), leaf.itemsize) for leaf in plan._leaves(base) + plan._leaves(lora)}
+    assert slices and all((tuple(a.shape), a.dtype.itemsize) in per_layer for a in slices)
+    block_bytes = sum(leaf.size * leaf.itemsize for leaf in plan._leaves(base) + plan._leaves(lora)
+                      if "transformer_blocks.0." in leaf.path)
+    assert sum(map(_nbytes, slices)) <= block_bytes
+    measured = sum(_nbytes(a) for a, kind in res if kind == "activation")
+    model = plan.family(config).plan_activations(cfg)
+    est = plan.activation_bytes(policy, model, micro_batch=1, tokens=n + t, text_tokens=t, tensor=1, itemsize=2,
                                 xla_attention=True)["saved"]
     assert abs(est - measured) / measured < 0.03, (est, measured)  # stated accuracy 2%, with slack
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Qwen-Image-Edit-2509 (configs/qwen_image_edit_mllm.py).
+
+
+@pytest.fixture(scope="module")
+def qconfig():
+    from configs import qwen_image_edit_mllm
+
+    return qwen_image_edit_mllm.get_config()
+
+
+def qwen_image_params() -> int:
+    """Qwen-Image(-Edit-2509) transformer parameters, summed from the architecture (diffusers
+    QwenImageTransformer2DModel: 60 dual-stream blocks, width 3072, 24 x 128 heads, text width 3584)."""
+    d, hd, c_in, c_out, joint, n = 3072, 128, 64, 64, 3584, 60
+
+    def lin(i, o):
+        return i * o + o
+
+    top = lin(c_in, d) + joint + lin(joint, d)  # img_in, txt_norm (RMSNorm weight), txt_in
+    top += lin(256, d) + lin(d, d)  # timestep embedder
+    top += lin(d, 2 * d) + lin(d, c_out)  # norm_out, proj_out
+    block = 2 * lin(d, 6 * d)  # img_mod, txt_mod
+    block += 8 * lin(d, d) + 4 * hd  # to_q/k/v, add_q/k/v_proj, to_out, to_add_out; 4 q/k RMSNorms
+    block += 2 * (lin(d, 4 * d) + lin(4 * d, d))  # img_mlp, txt_mlp
+    return top + n * block
+
+
+def test_qwen_params_match_the_architecture(qconfig):
+    expected = qwen_image_params()
+    assert 20.3e9 < expected < 20.5e9  # published: "20B" (the model card's safetensors: 20.4B)
+    p = plan.plan(qconfig, {"data": 1}, "h200")
+    r = row(p, "DiT base weights")
+    assert r["params"] == expected and r["total"] == r["per_device"] == 2 * expected  # bf16, one device
+    # LoRA r=32 on the 8 attention projections (d x d) of each of the 60 blocks: A [d, 32] + B [32, d]
+    n_lora = 60 * 8 * 2 * 3072 * 32
+    assert row(p, "LoRA theta")["params"] == 3 * n_lora and row(p, "LoRA theta")["total"] == 3 * 4 * n_lora
+    assert row(p, "AdamW")["total"] == 2 * 4 * n_lora
+    assert p["tokens"] == 1024 + 1024 + 256  # 512^2: (512/16)^2 noisy + reference tokens, 256 text tokens
+
+
+def test_qwen_per_device_shards_match_jax(qconfig):
+    base, lora = plan.dit_leaves(plan.transformer_config(qconfig), plan.family(qconfig))
+    assert {leaf.path.split(".")[1] for leaf in base if leaf.path.startswith("transformer_blocks.")} == \
+        {str(i) for i in range(60)}  # per-layer leaves of the stacked blocks
+    for shape in ({"fsdp": 8}, {"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 3, "tensor": 8}, {"tensor": 3}):
+        mesh = plan.abstract_mesh(shape)
+        for leaves in (base, lora):
+            assert plan.per_device_bytes(leaves, mesh) == _jax_shard_bytes(leaves, mesh), shape
+    p = plan.plan(qconfig, {"data": 6, "fsdp": 8}, "v5p")
+    assert row(p, "DiT base weights")["per_device"] == _jax_shard_bytes(base, plan.abstract_mesh({"fsdp": 8}))
+    assert row(p, "DiT base weights")["per_device"] < 2 * qwen_image_params() / 7.9
+    # FSDP gathers one dual-stream block (36 d^2 + 30 d + 512 params, bf16) to full width, twice
+    d = 3072
+    assert row(p, "FSDP gather buffers")["per_device"] == 2 * 2 * (36 * d * d + 30 * d + 512)
+
+
+def test_qwen_param_bytes_match_a_real_model(qconfig):
+    """Inventory against a small Qwen-Image MMDiT allocated for real (its arrays' bytes)."""
+    from flax import nnx
+
+    from configs import qwen_image_edit_mllm
+    from edit_r1_jax.models.lora import split_policy
+    from edit_r1_jax.models.qwen_image.modeling import QwenImageTransformer
+
+    c = qwen_image_edit_mllm.get_config()
+    c.model.dit = dict(num_layers=3, attention_head_dim=16, num_attention_heads=4, axes_dims_rope=(4, 6, 6),
+                       joint_attention_dim=40)
+    c.model.param_dtype = "float32"
+    c.lora.rank = 4
+    _, base, lora = split_policy(QwenImageTransformer(plan.transformer_config(c), rngs=nnx.Rngs(0)))
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+    p = plan.plan(c, {"data": 1}, "h200")
+    assert row(p, "DiT base weights")["total"] == nbytes(base)
+    assert row(p, "DiT base weights")["params"] == sum(x.size for x in jax.tree.leaves(base))
+    assert row(p, "LoRA theta")["total"] == 3 * nbytes(lora)
+    assert row(p, "AdamW")["total"] == 2 * nbytes(lora)
+    # the scan's one-layer weight slice: a third of the stacked block parameters (3 layers, float32)
+    blocks = sum(x.nbytes for path, x in nnx.to_flat_state(base) if path[0] == "transformer_blocks")
+    assert row(p, "layer weight slice")["per_device"] == blocks // 3
+
+
+def test_qwen_text_encoder_vae_and_buffers(qconfig, tmp_path):
+    p = plan.plan(qconfig, {"data": 1}, "h100")
+    assert row(p, "text encoder")["per_device"] == 0  # text_cache=True
+    c = qconfig.copy_and_resolve_references()
+    c.data.text_cache = False
+    r = row(plan.plan(c, {"data": 1}, "h100"), "text encoder Qwen2.5-VL-7B")
+    assert 8.2e9 < r["params"] < 8.35e9 and r["per_device"] == 2 * r["params"]  # published 8.29 B, bf16
+    # the reward checkpoint is the text encoder: one copy (tasks._shared_encoder)
+    c.model.dir, c.reward.mllm_dir = str(tmp_path), str(tmp_path / "text_encoder")
+    assert row(plan.plan(c, {"data": 1}, "h100"), "text encoder")["per_device"] == 0
+    vae = row(p, "VAE")
+    assert 40e6 < vae["params"] < 50e6  # the Wan-2.1 VAE (127 M) without temporal taps, 2-D on single images
+    # epoch buffers: x0 + reference latents [1024, 64] float32, prompt embeddings [256, 3584] bf16, int32 mask
+    per_sample = 2 * 1024 * 64 * 4 + 256 * 3584 * 2 + 256 * 4
+    assert row(p, "epoch sample buffers")["total"] == 12 * 12 * 2 * per_sample
+
+
+@pytest.mark.parametrize("policy", plan.REMAT_ORDER)
+def test_qwen_activation_formula_matches_saved_residuals(qconfig, policy):
+    """The full-width Qwen-Image MMDiT with 2 dual-stream blocks under the layer scan (B=1, L=2304, XLA
+    attention, LoRA r=32): saved residuals against the formula (stated agreement 1%). Under the scan the stacked
+    weights are never residual slices: the scan forwards them (any residual that is a parameter is the argument
+    itself)."""
+    import jax.numpy as jnp
+
+    from edit_r1_jax.models.lora import apply
+
+    cfg, g, base, lora = _cut_model(qconfig, num_layers=2, remat_policy=policy)
+    n, t = 2048, 256
+    s = jax.ShapeDtypeStruct
+    args = (s((1, n, 64), jnp.bfloat16), s((1, t, 3584), jnp.bfloat16), s((1, t), jnp.int32), s((1,), jnp.float32),
+            s((n, 3), jnp.int32), s((t, 3), jnp.int32))
+
+    def loss(l, b, *a):
+        return jnp.mean(apply(g, b, l, *a, num_target_tokens=n // 2).astype(jnp.float32) ** 2)
+
+    res = _residuals(loss, lora, base, *args)
+    assert not [a for a, kind in res if kind == "param_slice"]
+    measured = sum(_nbytes(a) for a, kind in res if kind == "activation")
+    model = plan.family(qconfig).plan_activations(cfg)
+    est = plan.activation_bytes(policy, model, micro_batch=1, tokens=n + t, text_tokens=t, tensor=1, itemsize=2,
+                                xla_attention=True)["saved"]
+    assert abs(est - measured) / measured < 0.02, (est, measured)
+
+
+def test_stacked_weight_slices_memory():
+    """Whether the per-layer weight slices are device memory: XLA's own buffer assignment (memory_analysis of
+    the compiled gradient) for layers stacked and run by models/scan.py (blocks of one 1024 x 1024 float32
+    Linear + tanh: weights dwarf activations, as in the full model at B = 1; the gradient w.r.t. the input needs
+    each layer's weight in backward). One layer: the python loop's slice of a [1, ...] stack is a bitcast
+    (temporaries far below one layer's weights). Three layers under the scan: one layer's slice buffer at a time.
+    Three layers as a python loop (``scan_layers=False``): every slice lives until backward (about the stack
+    again). plan.py counts the scan's one slice ("layer weight slice") and the loop's all ("layer weight
+    slices")."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from edit_r1_jax.models import scan
+
+    width = 1024
+
+    def temp_and_layer(layers, use_scan):
+        blocks = nnx.eval_shape(lambda: scan.stack(lambda r: nnx.Linear(width, width, rngs=r), layers,
+                                                   nnx.Rngs(0)))
+        graphdef, state = nnx.split(blocks)
+
+        def loss(x, state):
+            run = scan.run(nnx.merge(graphdef, state), x, lambda blk, h, _: jnp.tanh(blk(h)), use_scan=use_scan)
+            return jnp.mean(run ** 2)
+
+        x = jax.ShapeDtypeStruct((1, 4, width), jnp.float32)
+        compiled = jax.jit(jax.grad(loss)).lower(x, state).compile()
+        layer = sum(_nbytes(a) for a in jax.tree.leaves(state)) // layers
+        return compiled.memory_analysis().temp_size_in_bytes, layer
+
+    temp1, layer = temp_and_layer(1, True)
+    assert temp1 < 0.05 * layer, (temp1, layer)
+    temp_scan, layer = temp_and_layer(3, True)
+    assert 0.9 * layer < temp_scan < 1.5 * layer, (temp_scan, layer)
+    temp_loop, _ = temp_and_layer(3, False)
+    assert temp_loop > 2.2 * layer, (temp_loop, layer)
+
+
+def test_qwen_recommendation_for_48_devices(qconfig):
+    """The paper's 48-device Qwen run: a fitting mesh on every chip, batch-divisible (144 samples per
+    micro-batch and rollout), the least model sharding among those that fit; on a 32 GB v6e only full remat
+    fits (the 20.4 B bf16 DiT alone is 40.9 GB, so it must be sharded)."""
+    for chip in ("h100", "h200", "v5p", "v6e"):
+        rec = plan.recommend(qconfig, 48, chip)
+        best = rec["best"]
+        assert best is not None and best["fits"] and best["batch_divisible"], chip
+        assert math.prod(best["mesh"].values()) == 48 and 144 % (best["mesh"]["data"] * best["mesh"]["fsdp"]) == 0
+        sharding = best["mesh"]["fsdp"] * best["mesh"]["tensor"]
+        for shape in plan.candidate_meshes(48):
+            if shape["fsdp"] * shape["tensor"] < sharding:
+                p = plan.plan(qconfig, shape, chip, remat_policy=rec["remat_policy"])
+                assert not (p["fits"] and p["batch_divisible"]), (chip, shape)
+        if chip == "v6e":
+            assert rec["changed_policy"] and rec["remat_policy"] == "full" and sharding > 1
+
+
+def test_qwen_cli(capsys):
+    plan.main(["--config", "configs/qwen_image_edit_mllm.py", "--devices", "48", "--chip", "v6e"])
+    text = capsys.readouterr().out
+    assert "Qwen-Image MMDiT, frozen" in text and "VAE (Qwen-Image VAE)" in text and "2304 tokens/sample" in text
+    [overrides] = [line.split()[1:] for line in text.splitlines() if line.startswith("overrides:")]
+    assert "--config.model.remat_policy=full" in overrides  # 32 GB per chip: only full remat fits (see above)
+    assert math.prod(int(o.rsplit("=", 1)[1]) for o in overrides if o.startswith("--config.mesh.")) == 48

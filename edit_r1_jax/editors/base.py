@@ -8,6 +8,7 @@ into tokens ``[B, (H/2f)(W/2f), 4C]`` (``diffusion.latents.pack``). The conditio
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -19,7 +20,8 @@ from flax import nnx
 
 from edit_r1_jax.diffusion import latents
 
-__all__ = ["Family", "Conditioner", "encode_reference", "decode_latents", "replicated_shardings"]
+__all__ = ["Family", "Conditioner", "encode_reference", "decode_latents", "replicated_shardings", "PlanBlocks",
+           "PlanActivations"]
 
 
 class Conditioner:
@@ -145,6 +147,51 @@ class Family:
         return engine.Policy(graphdef, type(self).velocity, img_ids, txt_ids, self.guidance(cfg, guidance),
                              (h * w, 4 * self.latent_channels(vae_cfg)))
 
+    # -- planner: what edit_r1_jax/plan.py sizes, from a run config alone (no folder read, nothing allocated)
+    plan_transformer_name: str = ""  # the plan's row labels and notes
+    plan_vae_name: str = ""
+    plan_text_encoder_name: str = ""
+    # the reward model size ("7b") the text encoder is the same checkpoint as (one copy on the devices when
+    # reward.mllm_dir is model.dir/text_encoder, see tasks._shared_encoder), or None
+    plan_text_encoder_reward: str | None = None
+
+    def plan_transformer_config(self, config):
+        """The full-size transformer config of a run: the family's published sizes (its config dataclass
+        defaults) with ``config.model.dit`` overrides, ``config.model.dtype`` / ``param_dtype`` and the LoRA of
+        ``config.lora``."""
+        raise NotImplementedError
+
+    def plan_vae_config(self, dtype="float32"):
+        """The full-size VAE config (its defaults = the published VAE) in ``dtype``; ``abstract_vae`` of it is
+        what the plan counts."""
+        raise NotImplementedError
+
+    def plan_vae_top_width(self, vae_cfg) -> int:
+        """Channels of the decoder's full-resolution level (the plan bounds a decode by 4 float32 tensors
+        ``[R, R, width]`` per image)."""
+        raise NotImplementedError
+
+    def plan_text_encoders(self, dtype="bfloat16") -> tuple:
+        """The text encoder(s) resident on the devices when ``data.text_cache`` is False, as abstract modules
+        (``nnx.eval_shape``)."""
+        raise NotImplementedError
+
+    def plan_tokens(self, config) -> dict[str, int]:
+        """Tokens per sample at ``config.data.resolution``: ``image`` (generated), ``reference`` (the source,
+        same grid) and ``text`` (``cond["text"]`` length). Both families run [noisy; reference; text]."""
+        h, w = self.grid(self.plan_vae_config(), int(config.data.resolution))
+        return dict(image=h * w, reference=h * w, text=self.text_length(config.text))
+
+    def plan_sample_bytes(self, tcfg, config) -> tuple[int, str]:
+        """Bytes one sample keeps between rollout and training (x0 latents, its ``cond`` entries) and a note
+        naming them."""
+        raise NotImplementedError
+
+    def plan_activations(self, tcfg) -> "PlanActivations":
+        """The training-activation model of ``tcfg``'s transformer (per-token coefficients per block kind and
+        remat policy, calibrated against ``jax.ad_checkpoint`` saved residuals; see plan.py)."""
+        raise NotImplementedError
+
 
 def replicated_shardings(abstract_state, mesh):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -168,3 +215,41 @@ def decode_latents(vae_graph, h_tokens: int, w_tokens: int, vae_state, tokens):
 
 def callable_name(fn: Callable) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Planner data (edit_r1_jax/plan.py): per-family activation models.
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanBlocks:
+    """One set of identical (stacked) transformer blocks.
+
+    ``saved[policy] = (e, h, r, attn)``: per token per block, ``e`` embed-width and ``h`` heads/mlp-width (split
+    over the tensor axis) elements of the compute dtype, ``r`` elements per LoRA rank unit; ``attn``: "probs"
+    (float32 logits + compute-dtype probabilities of the ``[H/t, L, L]`` attention matrix are saved with XLA
+    attention), "scores" (float32 logits only) or None."""
+
+    kind: str
+    prefix: str  # parameter path of the stacked blocks ("transformer_blocks"): per layer "<prefix>.<i>.<rest>"
+    count: int
+    saved: Mapping[str, tuple[float, float, float, str | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanActivations:
+    """A transformer's activation model: width, heads, LoRA rank, its block sets, and what is saved outside
+    the blocks: ``outside`` [L, D]-sized compute-dtype residuals per sample, ``outside_text`` [T, text width]
+    ones (text input norm), ``outside_attn[policy]`` bytes per element of an ``[H/t, L, L]`` tensor per sample
+    with XLA attention (a key mask broadcast over the attention matrix that the layer scan hoists out of its
+    body), and ``once`` bytes independent of the batch (float32 copies of embedder weights)."""
+
+    dim: int
+    heads: int
+    rank: int
+    blocks: tuple[PlanBlocks, ...]
+    outside: float
+    outside_text: float = 0.0
+    text_width: int = 0
+    outside_attn: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    once: int = 0

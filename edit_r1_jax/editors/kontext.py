@@ -159,5 +159,65 @@ class Kontext(Family):
         return encoder_fingerprint(model_dir, self.text_length(text_cfg), int(_field(text_cfg, "clip_length", 77)),
                                    compute_dtype)
 
+    # -- planner (edit_r1_jax/plan.py)
+    plan_transformer_name = "FLUX.1 transformer"
+    plan_vae_name = "FLUX AutoencoderKL"
+    plan_text_encoder_name = "text encoders T5-XXL + CLIP-L"
+
+    def plan_transformer_config(self, config):
+        from edit_r1_jax.models.flux.modeling import FluxConfig
+
+        overrides = dict(config.model.get("dit", {}) or {})
+        return FluxConfig(**overrides, dtype=jnp.dtype(config.model.dtype),
+                          param_dtype=jnp.dtype(config.model.param_dtype), lora=_plan_lora(config))
+
+    def plan_vae_config(self, dtype="float32"):
+        from edit_r1_jax.models.flux.autoencoder import AutoencoderKLConfig
+
+        return AutoencoderKLConfig(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+
+    def plan_vae_top_width(self, vae_cfg) -> int:
+        return int(vae_cfg.block_out_channels[0])
+
+    def plan_text_encoders(self, dtype="bfloat16"):
+        from flax import nnx
+
+        from edit_r1_jax.models.text.clip import CLIPTextConfig, CLIPTextModel
+        from edit_r1_jax.models.text.t5 import T5Config, T5EncoderModel
+
+        dt = jnp.dtype(dtype)  # default configs = the FLUX encoders (T5-XXL encoder, CLIP-L text tower)
+        t5 = nnx.eval_shape(lambda: T5EncoderModel(T5Config(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
+        clip = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
+        return t5, clip
+
+    def plan_sample_bytes(self, tcfg, config):
+        tok = self.plan_tokens(config)
+        cdt = jnp.dtype(config.model.dtype).itemsize
+        n = (tok["image"] + tok["reference"]) * tcfg.in_channels * 4 + tok["text"] * tcfg.joint_attention_dim * cdt \
+            + tcfg.pooled_projection_dim * 4
+        return n, "x0, ref latents, T5, pooled"
+
+    def plan_activations(self, tcfg):
+        """FLUX double and single blocks (derivation and calibration: plan.py's module docstring)."""
+        from edit_r1_jax.editors.base import PlanActivations, PlanBlocks
+
+        d = tcfg.inner_dim
+        double = {"none": (18, 45, 0, "probs"), "dots_saveable": (4, 11, 4, "scores"),
+                  "dots_with_no_batch_dims_saveable": (4, 10, 4, None), "full": (1, 0, 0, None)}
+        single = {"none": (8, 47, 0, "probs"), "dots_saveable": (2, 11, 3, "scores"),
+                  "dots_with_no_batch_dims_saveable": (2, 10, 3, None), "full": (1, 0, 0, None)}
+        return PlanActivations(
+            dim=d, heads=tcfg.num_attention_heads, rank=tcfg.lora.rank if tcfg.lora else 0,
+            blocks=(PlanBlocks("double", "transformer_blocks", tcfg.num_layers, double),
+                    PlanBlocks("single", "single_transformer_blocks", tcfg.num_single_layers, single)),
+            outside=6,  # final norm in float32, embedders
+            once=(3 * d * d + 1280 * d) * 4)  # float32 timestep/guidance/text embedder weights
+
+
+def _plan_lora(config):
+    from edit_r1_jax.models.lora import LoRAConfig
+
+    return LoRAConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
+
 
 FAMILY = Kontext()

@@ -144,5 +144,66 @@ class QwenImageEdit(Family):
 
         return prompt_encoder_fingerprint(model_dir, self.text_length(text_cfg), compute_dtype)
 
+    # -- planner (edit_r1_jax/plan.py)
+    plan_transformer_name = "Qwen-Image MMDiT"
+    plan_vae_name = "Qwen-Image VAE"
+    plan_text_encoder_name = "text encoder Qwen2.5-VL-7B"
+    plan_text_encoder_reward = "7b"  # the same Qwen2.5-VL-7B checkpoint as the default MLLM reward
+
+    def plan_transformer_config(self, config):
+        from edit_r1_jax.editors.kontext import _plan_lora
+        from edit_r1_jax.models.qwen_image.modeling import QwenImageConfig
+
+        overrides = dict(config.model.get("dit", {}) or {})
+        return QwenImageConfig(**overrides, dtype=jnp.dtype(config.model.dtype),
+                               param_dtype=jnp.dtype(config.model.param_dtype), lora=_plan_lora(config))
+
+    def plan_vae_config(self, dtype="float32"):
+        from edit_r1_jax.models.qwen_image.autoencoder import QwenImageVAEConfig
+
+        return QwenImageVAEConfig(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+
+    def plan_vae_top_width(self, vae_cfg) -> int:
+        # the last up block runs at full resolution with base_dim * dim_mult[0] channels; the upsampler into it
+        # holds a [R, R, 2 * width] nearest-upsampled input next to its [R, R, width] output (within 4 x width)
+        return int(vae_cfg.base_dim * vae_cfg.dim_mult[0])
+
+    def plan_text_encoders(self, dtype="bfloat16"):
+        from flax import nnx
+
+        from edit_r1_jax.models.qwen2_5_vl.model import Qwen2_5_VL, Qwen2_5_VLConfig
+
+        dt = jnp.dtype(dtype)  # Qwen2_5_VLConfig defaults are the 7B sizes (the Qwen-Image-Edit text encoder)
+        vlm = nnx.eval_shape(lambda: Qwen2_5_VL(Qwen2_5_VLConfig(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
+        return (vlm,)
+
+    def plan_sample_bytes(self, tcfg, config):
+        tok = self.plan_tokens(config)
+        cdt = jnp.dtype(config.model.dtype).itemsize
+        n = (tok["image"] + tok["reference"]) * tcfg.in_channels * 4 + tok["text"] * tcfg.joint_attention_dim * cdt \
+            + tok["text"] * 4  # int32 mask
+        return n, "x0, ref latents, prompt embeddings, mask"
+
+    def plan_activations(self, tcfg):
+        """Dual-stream blocks. Per stream the block runs the FLUX double block's sequence (modulated affine-free
+        LayerNorm, q/k/v with q/k RMSNorm, RoPE, joint attention, output projection, gated residual, 4x tanh-GELU
+        MLP); the text keys are masked. Per token, calibrated on the layer scan (plan.py's module docstring):
+        ``none`` saves 2 float32 LayerNorm intermediates x 2 norms (8 units) + 6 compute-dtype embed-width tensors
+        (e = 14), and 6 float32 q/k RMSNorm tensors (12) + 6 MLP-width tensors (24) + q/k/v and attention-output
+        tensors (4) (h = 40), 4 LoRA-A outputs, float32 logits + probabilities; under the remat policies the
+        matmul outputs are those of FLUX's double block (4 D + 10 D/t + 4 r, +1 D/t attention output and float32
+        scores for ``dots_saveable``). Outside: ~5.4 [L, D] per sample (image in/out projections, the final norm in
+        float32), 7 [T, 3584] units (the float32 text input RMSNorm), the key mask over ``[H, L, L]`` (bool +
+        float32, ``none`` only) and float32 copies of the timestep embedder (D^2 + 256 D)."""
+        from edit_r1_jax.editors.base import PlanActivations, PlanBlocks
+
+        d = tcfg.inner_dim
+        dual = {"none": (14, 40, 4, "probs"), "dots_saveable": (4, 11, 4, "scores"),
+                "dots_with_no_batch_dims_saveable": (4, 10, 4, None), "full": (1, 0, 0, None)}
+        return PlanActivations(
+            dim=d, heads=tcfg.num_attention_heads, rank=tcfg.lora.rank if tcfg.lora else 0,
+            blocks=(PlanBlocks("dual", "transformer_blocks", tcfg.num_layers, dual),),
+            outside=5.4, outside_text=7, text_width=tcfg.joint_attention_dim, outside_attn={"none": 5},
+            once=(d * d + 256 * d) * 4)
 
 FAMILY = QwenImageEdit()
