@@ -180,3 +180,29 @@ def test_lora_file_matches_diffusers(converted, editor, tmp_path):
         pipe.unload_lora_weights()
     assert np.abs(ours - base).max() > 1e-2  # the LoRA changes the image...
     np.testing.assert_allclose(ours, ref, rtol=0, atol=ATOL_IMG)  # ...and both apply it the same way
+
+
+def test_edit_cli_on_a_qwen_folder(converted, tmp_path):
+    """``python -m edit_r1_jax.edit --model QWEN_DIR`` detects the family, encodes the instruction with the
+    Qwen2.5-VL prompt encoder seeing the (cropped) source, and writes what the Editor computes from the encoder's
+    own embeddings of that source: the CLI's wiring, on top of the encoder and edit parity tested above and in
+    test_qwen_image_text.py."""
+    from edit_r1_jax import edit as edit_cli
+    from edit_r1_jax.data.images import load_image
+    from edit_r1_jax.models.qwen_image.text import QwenImagePromptEncoder
+
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (80, 96, 3), np.uint8)).save(tmp_path / "in.png")  # cropped to a square
+    out = tmp_path / "out.png"
+    rc = edit_cli.main(["--model", str(converted[2]), "--image", str(tmp_path / "in.png"), "--instruction",
+                        "make the sky red", "--out", str(out), "--steps", "2", "--resolution", str(RESOLUTION),
+                        "--no-progress"])
+    assert rc == 0
+    got = np.asarray(Image.open(out))
+    pixels = load_image(tmp_path / "in.png", RESOLUTION)
+    cond = QwenImagePromptEncoder.from_pretrained(converted[2])([pixels], ["make the sky red"])
+    ed = Editor.from_pretrained(converted[2], load_text_encoders=False)
+    want = ed.edit(pixels[None], cond=cond, num_steps=2, seed=0)[0]
+    want = np.rint(np.clip(want, 0, 1) * 255).astype(np.uint8)
+    assert got.shape == (RESOLUTION, RESOLUTION, 3) and got.std() > 1.0
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # the same computation; uint8 rounding at most

@@ -9,6 +9,7 @@ from configs import qwen_image_edit_mllm
 from edit_dataset import write_dataset
 from edit_r1_jax import editors, train
 from edit_r1_jax.embed_text import TextCache, build_cache
+from edit_r1_jax.models.lora import lora_to_flat
 from qwen_fixtures import convert_cli, save_tiny_checkpoint
 from qwen_image_tiny import RESOLUTION, save_and_convert, tokenizer_dir
 
@@ -39,8 +40,22 @@ def test_qwen_image_edit_epoch(tmp_path, tmp_path_factory):
     np.testing.assert_array_equal(cached["text"], fresh["text"])  # float32 storage: bit-exact
     assert 0 < cached["mask"].sum(1).min() and cached["mask"].sum(1).max() < MAX_LENGTH  # real tokens, then padding
 
+    # when the reward model is the folder's own text encoder, the encoder reuses the reward's loaded weights
+    import jax.numpy as jnp
+
+    from edit_r1_jax.rewards.mllm import MLLMReward
+    from edit_r1_jax.tasks import _shared_encoder
+
+    same = MLLMReward(model_dir / "text_encoder", dtype=jnp.float32)
+    shared = _shared_encoder(same, model_dir)
+    assert shared is same.model
+    reused = family.conditioner(model_dir, {"max_length": MAX_LENGTH}, shared=shared)
+    assert reused.encoder.model is same.model and reused.fingerprint() == cond.fingerprint()
+    np.testing.assert_array_equal(reused(prompts, images)["text"], fresh["text"])
+
     save_tiny_checkpoint(tmp_path / "qwen_hf", tok)
     qwen = convert_cli(tmp_path / "qwen_hf", tmp_path / "qwen")
+    assert _shared_encoder(MLLMReward(qwen, dtype=jnp.float32), model_dir) is None  # another checkpoint: two copies
     c = qwen_image_edit_mllm.get_config()
     c.run_dir = str(tmp_path / "run")
     c.model.update(dir=str(model_dir), dtype="float32", param_dtype="float32", remat_policy="none")
@@ -59,15 +74,10 @@ def test_qwen_image_edit_epoch(tmp_path, tmp_path_factory):
     assert np.isfinite(m["train/policy_loss"]) and np.isfinite(m["train/grad_norm"])
     assert m["train/grad_norm"] > 0  # the LoRA got a gradient through the whole Qwen-Image-Edit path
     # B starts at zero: after the optimizer step the adapters moved (theta), and theta_old followed (spec B.8)
-    b_leaves = lambda t: [np.asarray(x) for p, x in jax_leaves(t) if p.endswith("lora_b")]  # noqa: E731
+    b_leaves = lambda t: [np.asarray(x) for k, x in lora_to_flat(t).items() if k.endswith(".lora_b")]  # noqa: E731
+    assert len(b_leaves(out["state"]["theta"])) == 8  # the 8 attention projections of the one tiny block
     assert max(np.abs(b).max() for b in b_leaves(out["state"]["theta"])) > 0
     assert max(np.abs(b).max() for b in b_leaves(out["state"]["theta_old"])) > 0
     assert 0.0 <= out["eval"][0]["eval/reward_mean"] <= 1.0
     assert list((tmp_path / "run" / "samples").glob("eval_*.png"))
 
-
-def jax_leaves(tree):
-    import jax
-
-    return [(jax.tree_util.keystr(p, simple=True, separator="."), x)
-            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
