@@ -18,25 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from machine import machine_info  # noqa: E402
+
+START_LOAD = os.getloadavg()
 
 CASES = {"small": (1, 2176, 8, 64), "large": (1, 4608, 24, 128)}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _rounds(fns: dict, repeats: int) -> dict:
@@ -114,8 +107,7 @@ def main(argv=None):
         print(f"case {case} [B,L,H,D]={[B, L, H, D]}: {summary}", file=sys.stderr, flush=True)
 
     print(json.dumps({
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
-                    "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        "machine": machine_info(START_LOAD),
         "matmul_peak": {"seconds": round(peak, 4), "gflops": round(peak_gflops, 1)},
         "repeats": args.repeats, "results": results}, indent=1))
 

@@ -28,6 +28,10 @@ from types import SimpleNamespace
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from machine import machine_info  # noqa: E402
+
+START_LOAD = os.getloadavg()
+
 CASES = ("rollout", "train", "reward")
 
 
@@ -127,6 +131,7 @@ def main(argv=None):
             r = reward_case(args, mesh, scan_layers) if case == "reward" else dit_case(case, args, mesh, scan_layers)
             result["cases"].setdefault(case, {})[name] = r
             print(f"[compile] {case} ({name}): lower {r['lower_s']} s + compile {r['compile_s']} s", flush=True)
+    result["machine"] = machine_info(START_LOAD)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

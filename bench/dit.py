@@ -31,6 +31,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from machine import machine_info  # noqa: E402
+
+START_LOAD = os.getloadavg()
 
 
 def model_flops(cfg, batch: int, l_img: int, t: int, lora_rank: int | None):
@@ -159,6 +164,7 @@ def bench_cpu(args):
         "ratio_torch_over_jax": {"forward": torch_fwd_t / jax_fwd_t, "forward_backward": torch_bwd_t / jax_bwd_t},
         "peak_gflops_assumed": args.peak_gflops,
     }
+    result["machine"] = machine_info(START_LOAD)
     print(json.dumps(result, indent=2))
 
 
@@ -271,6 +277,7 @@ def bench_full(args):
         "mfu_forward": None if not peak else f_fwd / fwd_t / (peak * 1e12 * n_dev),
         "mfu_train": None if not peak else f_fb / step_t / (peak * 1e12 * n_dev),
     }
+    result["machine"] = machine_info(START_LOAD)
     print(json.dumps(result, indent=2))
 
 

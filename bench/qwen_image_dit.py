@@ -39,6 +39,9 @@ sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 
 from dit import _median_time, _peak_for  # noqa: E402  (shared timing helpers of the FLUX DiT bench)
+from machine import machine_info  # noqa: E402
+
+START_LOAD = os.getloadavg()
 
 MID_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=4, attention_head_dim=128,
                   num_attention_heads=4, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
@@ -159,6 +162,7 @@ def bench_cpu(args):
         "ratio_torch_over_jax": {"forward": torch_fwd_t / jax_fwd_t, "forward_backward": torch_bwd_t / jax_bwd_t},
         "peak_gflops_assumed": args.peak_gflops,
     }
+    result["machine"] = machine_info(START_LOAD)
     print(json.dumps(result, indent=2))
 
 
@@ -289,6 +293,7 @@ def bench_full(args):
             "tokens_per_s_forward": tokens / out["forward_s"], "tokens_per_s_train": tokens / out["train_step_s"],
             "mfu_forward": None if not peak else f_fwd / out["forward_s"] / (peak * 1e12 * n_dev),
             "mfu_train": None if not peak else f_fb / out["train_step_s"] / (peak * 1e12 * n_dev)})
+    result["machine"] = machine_info(START_LOAD)
     print(json.dumps(result, indent=2, default=str))
 
 

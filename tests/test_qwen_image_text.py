@@ -53,7 +53,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     te = randomize(Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tie=True)).eval())
     pipe = build_pipeline(tok_dir, text_encoder=te)
-    save_pipeline(pipe, root / "pipe", tok_dir)
+    save_pipeline(pipe, root / "pipe")
     assert convert_main(["qwen-image-edit", "--src", str(root / "pipe"), "--dst", str(root / "out")]) == 0
 
     class NoVideoProcessor(Qwen2VLProcessor):
