@@ -51,9 +51,7 @@ def build(c, mesh, run_dir: Path, writer):
     return EditTask(c, mesh, run_dir, writer)
 
 
-def lora_config(c) -> lora_lib.LoRAConfig:
-    return lora_lib.LoRAConfig(rank=int(c.lora.rank), alpha=float(c.lora.alpha), targets=tuple(c.lora.targets),
-                               init_std=None if not c.lora.init_std else float(c.lora.init_std))
+lora_config = editors.lora_config  # the ``lora`` section as a LoRAConfig (also used by train.plan_line)
 
 
 def split_on_mesh(model: nnx.Module, mesh):

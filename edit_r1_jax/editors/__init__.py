@@ -4,8 +4,9 @@ A family (``base.Family``) says how to load its transformer and VAE from a conve
 an image + instruction, the latent layout and position ids, the sigma schedule and its velocity call; the loop
 (tasks.EditTask, engine, train, edit, embed_text, plan) only talks to that protocol.
 
-Adding a family: one module in this folder defining a ``Family`` subclass instance named ``FAMILY``, and one line
-in ``_MODULES`` below. The key is the config's ``task`` and what ``detect`` reports for a converted folder.
+Adding a family: one model folder ``edit_r1_jax/models/<name>/`` whose ``family.py`` defines a ``Family`` subclass
+instance named ``FAMILY``, and one line in ``_MODULES`` below. The key is the config's ``task`` and what
+``detect`` reports for a converted folder.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from edit_r1_jax.editors.base import Conditioner, Family, encode_reference, decode_latents
+from edit_r1_jax.editors.base import Conditioner, Family, decode_latents, encode_reference, lora_config
 
-__all__ = ["Family", "Conditioner", "names", "get", "detect", "encode_reference", "decode_latents"]
+__all__ = ["Family", "Conditioner", "names", "get", "detect", "encode_reference", "decode_latents", "lora_config"]
 
 _MODULES = {
-    "kontext": "edit_r1_jax.editors.kontext",
-    "qwen_image_edit": "edit_r1_jax.editors.qwen_image",
+    "kontext": "edit_r1_jax.models.flux.family",
+    "qwen_image_edit": "edit_r1_jax.models.qwen_image.family",
 }
 
 

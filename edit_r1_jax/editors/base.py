@@ -193,6 +193,23 @@ class Family:
         raise NotImplementedError
 
 
+def config_field(cfg, name, default):
+    """``cfg.name`` of a config section, a plain dict or None (then ``default``)."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def lora_config(c):
+    """The ``lora`` config section as a ``LoRAConfig`` (init_std 0 = 1/rank)."""
+    from edit_r1_jax.models.lora import LoRAConfig
+
+    return LoRAConfig(rank=int(c.lora.rank), alpha=float(c.lora.alpha), targets=tuple(c.lora.targets),
+                      init_std=None if not c.lora.init_std else float(c.lora.init_std))
+
+
 def replicated_shardings(abstract_state, mesh):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.tree.map(lambda _: replicated, abstract_state)

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_r1_jax.diffusion import qwen_image as qi
-from edit_r1_jax.editors.base import Conditioner, Family
-from edit_r1_jax.editors.kontext import _field
+from edit_r1_jax.editors.base import Conditioner, Family, config_field, lora_config
 
 MARKER = "qwen_image_edit.json"  # written by the qwen-image-edit converter
 
@@ -123,7 +122,7 @@ class QwenImageEdit(Family):
         return qi.position_ids([(1, h, w), (1, h, w)], int(text_length), layer3d=layer3d)
 
     def text_length(self, text_cfg) -> int:
-        return int(_field(text_cfg, "max_length", 256))
+        return int(config_field(text_cfg, "max_length", 256))
 
     def scheduler_config(self, model_dir) -> dict:
         return qi.read_scheduler_config(model_dir)
@@ -151,12 +150,11 @@ class QwenImageEdit(Family):
     plan_text_encoder_reward = "7b"  # the same Qwen2.5-VL-7B checkpoint as the default MLLM reward
 
     def plan_transformer_config(self, config):
-        from edit_r1_jax.editors.kontext import _plan_lora
         from edit_r1_jax.models.qwen_image.modeling import QwenImageConfig
 
         overrides = dict(config.model.get("dit", {}) or {})
         return QwenImageConfig(**overrides, dtype=jnp.dtype(config.model.dtype),
-                               param_dtype=jnp.dtype(config.model.param_dtype), lora=_plan_lora(config))
+                               param_dtype=jnp.dtype(config.model.param_dtype), lora=lora_config(config))
 
     def plan_vae_config(self, dtype="float32"):
         from edit_r1_jax.models.qwen_image.autoencoder import QwenImageVAEConfig

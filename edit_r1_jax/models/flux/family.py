@@ -9,21 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
 from edit_r1_jax.diffusion import latents, schedule
-from edit_r1_jax.editors.base import Conditioner, Family
+from edit_r1_jax.editors.base import Conditioner, Family, config_field, lora_config
 
-
-def _field(cfg, name, default):
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
 
 
 class ScheduleConfig(dict):
@@ -133,7 +125,7 @@ class Kontext(Family):
         return latents.kontext_ids(*grid), latents.text_ids(int(text_length))
 
     def text_length(self, text_cfg) -> int:
-        return int(_field(text_cfg, "t5_length", 128))
+        return int(config_field(text_cfg, "t5_length", 128))
 
     def scheduler_config(self, model_dir) -> dict:
         f = Path(model_dir) / "scheduler" / "scheduler_config.json"
@@ -149,15 +141,15 @@ class Kontext(Family):
         from edit_r1_jax.models.text.encoders import TextEncoders
 
         del mesh, shared  # T5-XXL + CLIP run on the default device (see the README's known limits)
-        t5, clip = self.text_length(text_cfg), int(_field(text_cfg, "clip_length", 77))
+        t5, clip = self.text_length(text_cfg), int(config_field(text_cfg, "clip_length", 77))
         enc = TextEncoders.from_pretrained(model_dir, t5_length=t5, clip_length=clip, dtype=dtype)
         return KontextConditioner(enc, model_dir, t5, clip, jnp.dtype(dtype).name)
 
     def conditioner_fingerprint(self, model_dir, text_cfg, compute_dtype="float32"):
         from edit_r1_jax.embed_text import encoder_fingerprint
 
-        return encoder_fingerprint(model_dir, self.text_length(text_cfg), int(_field(text_cfg, "clip_length", 77)),
-                                   compute_dtype)
+        clip = int(config_field(text_cfg, "clip_length", 77))
+        return encoder_fingerprint(model_dir, self.text_length(text_cfg), clip, compute_dtype)
 
     # -- planner (edit_r1_jax/plan.py)
     plan_transformer_name = "FLUX.1 transformer"
@@ -169,7 +161,7 @@ class Kontext(Family):
 
         overrides = dict(config.model.get("dit", {}) or {})
         return FluxConfig(**overrides, dtype=jnp.dtype(config.model.dtype),
-                          param_dtype=jnp.dtype(config.model.param_dtype), lora=_plan_lora(config))
+                          param_dtype=jnp.dtype(config.model.param_dtype), lora=lora_config(config))
 
     def plan_vae_config(self, dtype="float32"):
         from edit_r1_jax.models.flux.autoencoder import AutoencoderKLConfig
@@ -213,11 +205,6 @@ class Kontext(Family):
             outside=6,  # final norm in float32, embedders
             once=(3 * d * d + 1280 * d) * 4)  # float32 timestep/guidance/text embedder weights
 
-
-def _plan_lora(config):
-    from edit_r1_jax.models.lora import LoRAConfig
-
-    return LoRAConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
 
 
 FAMILY = Kontext()
