@@ -47,7 +47,7 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy.p
 
 # Measured wall time of the phases, for the start-up estimate: (task, backend) -> seconds. The toy's figures come
 # from configs/toy.py on the build machine (2 idle x86_64 cores; README "Quick start"); other pairs are unmeasured.
-MEASURED = {("toy", "cpu"): dict(warm_start=190.0, epoch=2.7, eval=2.0, where="2 idle CPU cores")}
+MEASURED = {("toy", "cpu"): dict(warm_start=190.0, epoch=5.1, eval=2.4, where="2 idle CPU cores, 2026-12-01")}
 
 
 def nft_config(c, num_micro_batches: int) -> nft_loss.NFTConfig:
