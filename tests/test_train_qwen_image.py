@@ -59,6 +59,8 @@ def test_qwen_image_edit_epoch(tmp_path, tmp_path_factory):
     c = qwen_image_edit_mllm.get_config()
     tiny_paper_run(c, tmp_path / "run", model_dir, data, RESOLUTION, qwen)
     c.text.max_length = MAX_LENGTH
+    report = train.dry_run(c)  # the start-up checks on this family: folder, cache fingerprint, rows
+    assert report["task"] == "qwen_image_edit" and report["train_rows"] == 4 and report["model"]["num_layers"] == 1
     out = train.run(c)
     check_one_epoch(out, tmp_path / "run")
     # B starts at zero: after the optimizer step the adapters moved (theta), and theta_old followed (spec B.8)
