@@ -139,22 +139,26 @@ def _paths(data_dir: Path, split: str) -> tuple[Path, Path]:
 
 
 def _rows(data_dir: Path, split: str, uses_image: bool, resolution: int):
-    """Distinct (key, prompt, image or None) of a split, in order; images decoded as the trainer does."""
+    """``(rows, image_of)``: the distinct ``(key, prompt, dataset index or None)`` of a split, in order, and a
+    function giving the uint8 image of a dataset index as the trainer decodes it. Images are decoded once here for
+    the keys and again, a batch at a time, for the rows to encode: host memory stays ~ one batch of images."""
     items = read_metadata(data_dir / f"{split}_metadata.jsonl")
     if not uses_image:
         prompts = list(dict.fromkeys(it["prompt"] for it in items))
-        return [(prompt_key(p), p, None) for p in prompts]
+        return [(prompt_key(p), p, None) for p in prompts], None
+    from tqdm import tqdm
+
     from edit_r1_jax.data import source as data_source
 
     ds, _ = data_source.make_dataset(data_dir, split, int(resolution))
     out, seen = [], set()
-    for i in range(len(ds)):
+    for i in tqdm(range(len(ds)), desc=f"keying {split} rows", unit="row", disable=len(ds) < 64):
         it = ds[i]
         k = row_key(it["prompt"], it["image"])
         if k not in seen:
             seen.add(k)
-            out.append((k, it["prompt"], it["image"]))
-    return out
+            out.append((k, it["prompt"], i))
+    return out, lambda i: ds[i]["image"]
 
 
 def build_cache(model_dir, data_dir, split: str = "train", *, conditioner=None, family=None, text_cfg=None,
@@ -175,7 +179,7 @@ def build_cache(model_dir, data_dir, split: str = "train", *, conditioner=None, 
     fp = family.conditioner_fingerprint(model_dir, text_cfg, compute_dtype)
     names = family.cond_names
     uses_image = family.conditioner_uses_image
-    rows = _rows(data_dir, split, uses_image, resolution)
+    rows, image_of = _rows(data_dir, split, uses_image, resolution)
     st_path, idx_path = _paths(data_dir, split)
     st_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -199,7 +203,7 @@ def build_cache(model_dir, data_dir, split: str = "train", *, conditioner=None, 
     store = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16)
 
     def encode(chunk):
-        imgs = np.stack([im for _, _, im in chunk]) if uses_image else None
+        imgs = np.stack([image_of(i) for _, _, i in chunk]) if uses_image else None
         return conditioner([p for _, p, _ in chunk], imgs)
 
     def stored(name, x):  # masks stay integers

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -182,9 +182,18 @@ class Family:
         h, w = self.grid(self.plan_vae_config(), int(config.data.resolution))
         return dict(image=h * w, reference=h * w, text=self.text_length(config.text))
 
+    plan_sample_note: str = ""  # what one sample keeps between rollout and training, for the plan's row
+
     def plan_sample_bytes(self, tcfg, config) -> tuple[int, str]:
-        """Bytes one sample keeps between rollout and training (x0 latents, its ``cond`` entries) and a note
-        naming them."""
+        """Bytes one sample keeps between rollout and training: x0 and reference latents (float32), the text
+        embeddings (compute dtype) and the family's other ``cond`` entries (``plan_cond_extra_bytes``)."""
+        tok = self.plan_tokens(config)
+        cdt = jnp.dtype(config.model.dtype).itemsize
+        n = (tok["image"] + tok["reference"]) * tcfg.in_channels * 4 + tok["text"] * tcfg.joint_attention_dim * cdt
+        return n + self.plan_cond_extra_bytes(tcfg, tok), self.plan_sample_note
+
+    def plan_cond_extra_bytes(self, tcfg, tokens: Mapping[str, int]) -> int:
+        """Bytes per sample of the ``cond`` entries besides ``ref`` and ``text``."""
         raise NotImplementedError
 
     def plan_activations(self, tcfg) -> "PlanActivations":
@@ -228,10 +237,6 @@ def decode_latents(vae_graph, h_tokens: int, w_tokens: int, vae_state, tokens):
     vae = nnx.merge(vae_graph, vae_state)
     x = vae.decode_normalized(latents.unpack(tokens, 2 * h_tokens, 2 * w_tokens)).astype(jnp.float32)
     return jnp.clip(x / 2 + 0.5, 0.0, 1.0)
-
-
-def callable_name(fn: Callable) -> str:
-    return f"{fn.__module__}.{fn.__qualname__}"
 
 
 # ---------------------------------------------------------------------------------------------------------

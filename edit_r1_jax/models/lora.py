@@ -134,6 +134,15 @@ class Linear(nnx.Module):
 _LORA_TEMPLATES: dict[Any, Any] = {}
 
 
+def linear_maker(cfg, rngs):
+    """``mk(in, out, axes, path, dtype=None) -> Linear`` with ``cfg``'s compute/param dtypes and LoRA, drawing from
+    ``rngs`` (a transformer builds its top-level layers with one, and each stacked block with its own)."""
+    def mk(i, o, axes, path, dtype=None):
+        return Linear(i, o, axes=axes, dtype=cfg.dtype if dtype is None else dtype, param_dtype=cfg.param_dtype,
+                      path=path, lora=cfg.lora, rngs=rngs)
+    return mk
+
+
 def split_policy(model: nnx.Module):
     """``(graphdef, base_state, lora_state)``; registers the LoRA structure so ``apply(..., None)`` works."""
     graphdef, lora_state, base_state = nnx.split(model, LoRAParam, ...)

@@ -17,7 +17,6 @@ from edit_r1_jax.diffusion import latents, schedule
 from edit_r1_jax.editors.base import Conditioner, Family, config_field, lora_config
 
 
-
 class ScheduleConfig(dict):
     """The scheduler fields the sigma schedule needs (defaults: FLUX's scheduler_config.json)."""
 
@@ -55,8 +54,8 @@ class KontextConditioner(Conditioner):
     def settings(self):
         return {"t5_length": self.t5_length, "clip_length": self.clip_length, "compute_dtype": self.compute_dtype}
 
-    def __call__(self, prompts, images=None, batch_size: int = 8):
-        e, p = self.encoders.encode(list(prompts), batch_size=batch_size)
+    def __call__(self, prompts, images=None):
+        e, p = self.encoders.encode(list(prompts))
         return {"text": np.asarray(e, np.float32), "pooled": np.asarray(p, np.float32)}
 
 
@@ -182,12 +181,10 @@ class Kontext(Family):
         clip = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
         return t5, clip
 
-    def plan_sample_bytes(self, tcfg, config):
-        tok = self.plan_tokens(config)
-        cdt = jnp.dtype(config.model.dtype).itemsize
-        n = (tok["image"] + tok["reference"]) * tcfg.in_channels * 4 + tok["text"] * tcfg.joint_attention_dim * cdt \
-            + tcfg.pooled_projection_dim * 4
-        return n, "x0, ref latents, T5, pooled"
+    plan_sample_note = "x0, ref latents, T5, pooled"
+
+    def plan_cond_extra_bytes(self, tcfg, tokens):
+        return tcfg.pooled_projection_dim * 4  # float32 CLIP pooled embedding
 
     def plan_activations(self, tcfg):
         """FLUX double and single blocks (derivation and calibration: plan.py's module docstring)."""
@@ -204,7 +201,6 @@ class Kontext(Family):
                     PlanBlocks("single", "single_transformer_blocks", tcfg.num_single_layers, single)),
             outside=6,  # final norm in float32, embedders
             once=(3 * d * d + 1280 * d) * 4)  # float32 timestep/guidance/text embedder weights
-
 
 
 FAMILY = Kontext()

@@ -175,12 +175,10 @@ class QwenImageEdit(Family):
         vlm = nnx.eval_shape(lambda: Qwen2_5_VL(Qwen2_5_VLConfig(dtype=dt, param_dtype=dt), rngs=nnx.Rngs(0)))
         return (vlm,)
 
-    def plan_sample_bytes(self, tcfg, config):
-        tok = self.plan_tokens(config)
-        cdt = jnp.dtype(config.model.dtype).itemsize
-        n = (tok["image"] + tok["reference"]) * tcfg.in_channels * 4 + tok["text"] * tcfg.joint_attention_dim * cdt \
-            + tok["text"] * 4  # int32 mask
-        return n, "x0, ref latents, prompt embeddings, mask"
+    plan_sample_note = "x0, ref latents, prompt embeddings, mask"
+
+    def plan_cond_extra_bytes(self, tcfg, tokens):
+        return tokens["text"] * 4  # int32 text mask
 
     def plan_activations(self, tcfg):
         """Dual-stream blocks. Per stream the block runs the FLUX double block's sequence (modulated affine-free
@@ -203,5 +201,6 @@ class QwenImageEdit(Family):
             blocks=(PlanBlocks("dual", "transformer_blocks", tcfg.num_layers, dual),),
             outside=5.4, outside_text=7, text_width=tcfg.joint_attention_dim, outside_attn={"none": 5},
             once=(d * d + 256 * d) * 4)
+
 
 FAMILY = QwenImageEdit()

@@ -42,7 +42,7 @@ from flax import nnx
 from edit_r1_jax.models import scan
 from edit_r1_jax.models.attention import attention
 from edit_r1_jax.models.flux.modeling import RMSNorm, _layer_norm  # the same float32-statistics norms
-from edit_r1_jax.models.lora import Linear, LoRAConfig
+from edit_r1_jax.models.lora import LoRAConfig, linear_maker
 from edit_r1_jax.parallel import rules
 
 __all__ = ["QwenImageConfig", "QwenImageTransformer", "QwenImageTransformerBlock", "rope_tables",
@@ -324,11 +324,8 @@ class QwenImageTransformer(nnx.Module):
         self.config = cfg
         d = cfg.inner_dim
 
-        def linears(rngs):
-            def mk(i, o, axes, path, dtype=None):
-                return Linear(i, o, axes=axes, dtype=cfg.dtype if dtype is None else dtype,
-                              param_dtype=cfg.param_dtype, path=path, lora=cfg.lora, rngs=rngs)
-            return mk
+        def linears(r):
+            return linear_maker(cfg, r)
 
         mk = linears(rngs)
 
