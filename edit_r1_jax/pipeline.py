@@ -208,8 +208,7 @@ class Editor:
         return editors.decode_latents(self._vae_graph, h_tokens, w_tokens, self._vae_state, jnp.asarray(tokens))
 
     def policy(self, resolution: int, text_length: int, guidance: float | None):
-        return self.family.policy(self._graphdef, self.config, self.vae.cfg, resolution,
-                                  {**self.text_cfg, "t5_length": text_length, "max_length": text_length}, guidance)
+        return self.family.policy(self._graphdef, self.config, self.vae.cfg, resolution, text_length, guidance)
 
     def make_noise(self, batch: int, h_tokens: int, w_tokens: int, seed: int = 0) -> np.ndarray:
         """Packed standard-normal noise ``[B, h*w, 4C]`` (``randn [B, 2h, 2w, C]`` packed), float32."""

@@ -233,7 +233,8 @@ class EditTask(Task):
         self.vae_graph, self.vae_state = nnx.split(vae)
         self.grid = family.grid(vae.cfg, res)
         tokens = self.grid[0] * self.grid[1]
-        self.policy = family.policy(graphdef, cfg, vae.cfg, res, c.text, float(c.sample.guidance))
+        self.policy = family.policy(graphdef, cfg, vae.cfg, res, family.text_length(c.text),
+                                    float(c.sample.guidance))
         sched = family.scheduler_config(model_dir)
         self.sigmas_train = family.sigmas(sched, int(c.sample.num_steps), tokens)
         self.sigmas_eval = family.sigmas(sched, int(c.eval.num_steps), tokens)

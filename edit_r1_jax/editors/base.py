@@ -139,11 +139,12 @@ class Family:
         raise NotImplementedError
 
     # -- the policy the loop samples and trains
-    def policy(self, graphdef, cfg, vae_cfg, resolution: int, text_cfg, guidance: float | None = None):
+    def policy(self, graphdef, cfg, vae_cfg, resolution: int, text_length: int, guidance: float | None = None):
+        """The static DiT call for a square ``resolution`` and ``text_length`` tokens of ``cond["text"]``."""
         from edit_r1_jax import engine
 
         h, w = self.grid(vae_cfg, resolution)
-        img_ids, txt_ids = self.position_ids((h, w), self.text_length(text_cfg), cfg)
+        img_ids, txt_ids = self.position_ids((h, w), int(text_length), cfg)
         return engine.Policy(graphdef, type(self).velocity, img_ids, txt_ids, self.guidance(cfg, guidance),
                              (h * w, 4 * self.latent_channels(vae_cfg)))
 
