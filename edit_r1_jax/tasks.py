@@ -257,7 +257,10 @@ class EditTask(Task):
                          for s in ("train", "test")}
             self.conditioner = None
         else:
-            self.conditioner = family.conditioner(model_dir, c.text, mesh=mesh, shared=_shared_encoder(mllm, model_dir))
+            # in the compute dtype (the reference runs its text encoders in bf16; a float32 7B encoder would
+            # hold twice the memory), or the reward's own copy when it is the same checkpoint
+            self.conditioner = family.conditioner(model_dir, c.text, dtype=jnp.dtype(c.model.dtype), mesh=mesh,
+                                                  shared=_shared_encoder(mllm, model_dir))
 
     def init_lora(self):
         return self.lora_init
