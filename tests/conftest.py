@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from devices import with_test_flags  # noqa: E402
+
+# Before jax starts its backend: the test compile settings (tests/devices.py), inherited by every subprocess.
+os.environ["XLA_FLAGS"] = with_test_flags(os.environ.get("XLA_FLAGS", ""))
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

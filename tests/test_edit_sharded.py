@@ -5,10 +5,10 @@ A subprocess: the host CPU device count must be set before jax starts."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+from devices import ROOT, env as device_env
 
 SCRIPT = r"""
 import json, sys
@@ -46,11 +46,9 @@ print(json.dumps({"shape": list(b.shape), "diff": float(np.abs(a - b).max()), "d
 
 
 def test_sharded_edit_equals_one_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    env = device_env(4)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(Path(__file__).parent)], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=root)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["multiple"] == 4 and r["shape"] == [3, 64, 64, 3], r  # 3 rows padded to 4, the padding dropped

@@ -5,19 +5,19 @@ scored twice or never, changes it (the rows' rewards differ). Tolerance: the lay
 different batch composition; float32 DiT outputs then differ at rounding level, 1e-5 on a mean in [0, 1]."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from devices import env as device_env
 
 pytestmark = pytest.mark.slow
 
 
 def test_eval_any_row_count_on_8_devices(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = device_env(8)
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("eval_padding_check.py")), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -15,6 +15,7 @@ from edit_r1_jax.models.qwen2_5_vl import params as qparams
 from edit_r1_jax.models.qwen2_5_vl.generate import SamplingConfig, generate, trim
 from edit_r1_jax.models.qwen2_5_vl.model import embed_images, get_rope_index
 from edit_r1_jax.models.qwen2_5_vl.processor import preprocess_host
+from devices import ROOT, env as device_env
 
 IMG, V_START, V_END, PAD = 151655, 151652, 151653, 151643
 MAX_NEW = 8
@@ -199,11 +200,9 @@ def test_sharded_generation_equals_unsharded(tmp_path, tmp_path_factory):
     from pathlib import Path
 
     tok = qwen_tokenizer_dir(tmp_path_factory.getbasetemp().parent / "qwen_cache")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    env = device_env(4)
     proc = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path), str(Path(__file__).parent), str(tok)],
-                          env=env, capture_output=True, text=True, timeout=400, cwd=root)
+                          env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["q_shard"] == [r["q_shape"][0], r["q_shape"][1] // 2], r  # the parameters really are sharded

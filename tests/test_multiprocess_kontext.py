@@ -35,7 +35,6 @@ only epoch 1's rounding-level differences remain).
 """
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from devices import env as device_env
 
 pytestmark = pytest.mark.slow
 
@@ -88,8 +88,7 @@ def _free_port() -> int:
 
 
 def _launch(fx, run_dir, epochs, out, devices, nproc=1, pid=0, port=0):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT)
+    env = device_env(devices)
     for k in ("EDIT_R1_COORDINATOR", "EDIT_R1_NUM_PROCESSES", "EDIT_R1_PROCESS_ID"):
         env.pop(k, None)
     if nproc > 1:

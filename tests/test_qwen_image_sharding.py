@@ -11,11 +11,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from devices import env as device_env
 
 
 def test_sharded_forward_and_grad_match_single_device():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env = device_env(8)
     proc = subprocess.run([sys.executable, str(Path(__file__))], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

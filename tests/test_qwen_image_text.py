@@ -29,6 +29,7 @@ from qwen_fixtures import randomize, tiny_hf_config
 from qwen_image_tiny import build_pipeline, save_pipeline, tokenizer_dir
 
 from edit_r1_jax.models.qwen_image import text as T
+from devices import env as device_env
 
 ATOL, RTOL = 2e-5, 1e-4
 PROMPTS = ["make the sky purple", "replace the red car in the lower left corner by a small wooden boat, keep the "
@@ -241,8 +242,7 @@ def test_mesh_equals_single_device(setup, tmp_path):
     out = setup.get("batch_out") or setup["enc"](setup["images"], PROMPTS)
     np.savez(tmp_path / "in.npz", a=setup["images"][0], b=setup["images"][1], prompts=np.asarray(PROMPTS))
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    env = device_env(8)
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path / "in.npz"), str(setup["out"]),
                            str(tmp_path / "out.npz")], env=env, capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-4000:]

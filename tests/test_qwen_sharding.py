@@ -5,12 +5,12 @@ parameters actually sharded. Runs in a subprocess because the device count must 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from qwen_fixtures import qwen_tokenizer_dir
+from devices import ROOT, env as device_env
 
 SCRIPT = r"""
 import json, sys
@@ -48,11 +48,9 @@ def test_sharded_equals_unsharded(tmp_path, tmp_path_factory):
     import numpy as np
 
     tok = qwen_tokenizer_dir(tmp_path_factory.getbasetemp().parent / "qwen_cache")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    env = device_env(8)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(tok), str(Path(__file__).parent)],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=root)
+                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     # q_proj kernel [embed, heads]: embed over fsdp (2), heads over tensor (2).

@@ -12,6 +12,7 @@ import pytest
 
 from edit_r1_jax.diffusion import rollout as rollout_lib
 from edit_r1_jax.diffusion import solvers
+from devices import env as device_env
 
 # Spec A.4, N=6 at 512^2 (4 decimals as printed in the spec).
 SIGMAS6 = np.array([1.0, 0.9037, 0.7897, 0.6525, 0.4842, 0.2730, 0.0])
@@ -183,7 +184,7 @@ _NOISE_SCRIPT = textwrap.dedent("""
 def test_initial_noise_independent_of_device_count(tmp_path):
     outs = []
     for n in (1, 8):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+        env = device_env(n)
         path = tmp_path / f"noise{n}.npy"
         res = subprocess.run([sys.executable, "-c", _NOISE_SCRIPT, str(path)], env=env, capture_output=True,
                              text=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 from edit_r1_jax import weights
 from edit_r1_jax.parallel import rules
+from devices import env as device_env
 
 
 class Tiny(nnx.Module):
@@ -107,6 +108,6 @@ def test_sharded_load_reads_only_local_slices(tmp_path):
         np.testing.assert_array_equal(np.asarray(k), ref)
         print("OK")
     """)
-    env = dict(__import__("os").environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = device_env(8)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
