@@ -1,10 +1,11 @@
 """The CPU demo's before/after figures: NFT on the toy task vs the same run with learning rate 0.
 
-    python bench/toy_demo.py [--run-dir runs/toy_demo] [--epochs N]
+    python bench/toy_demo.py [--long] [--run-dir runs/toy_demo] [--epochs N]
 
 Runs configs/toy.py (supervised warm start, then DiffusionNFT on the verifier reward) and configs/toy.py:lr0
-from the same warm start, and prints JSON: held-out verifier reward and edit success rate of the warm-started
-policy (epoch 0) and after NFT, for both runs, with wall-clock times. Not a test.
+from the same warm start (with --long: configs/toy.py:long and :long,lr0, the 120-epoch pair), and prints
+JSON: held-out verifier reward and edit success rate of the warm-started policy (epoch 0) and after NFT, for
+both runs, with wall-clock times. Not a test.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", default="runs/toy_demo")
     p.add_argument("--epochs", type=int, default=None, help="override toy num_epochs")
+    p.add_argument("--long", action="store_true", help="the 120-epoch variant (configs/toy.py:long)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -35,7 +37,7 @@ def main(argv=None):
         shutil.rmtree(root)
     results = {}
     for variant in ("", "lr0"):
-        c = toy.get_config(variant)
+        c = toy.get_config(",".join(v for v in ("long" if args.long else "", variant) if v))
         c.run_dir = str(root / (variant or "nft"))
         c.log.progress = False
         if args.epochs:

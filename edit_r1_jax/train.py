@@ -45,9 +45,21 @@ log = logging.getLogger("edit_r1_jax.train")
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy.py")
 
-# Measured wall time of the phases, for the start-up estimate: (task, backend) -> seconds. The toy's figures come
+# Measured wall time per unit of work, for the start-up estimate: (task, backend) -> seconds. The toy's figures come
 # from configs/toy.py on the build machine (2 idle x86_64 cores; README "Quick start"); other pairs are unmeasured.
-MEASURED = {("toy", "cpu"): dict(warm_start=190.0, epoch=5.1, eval=2.4, where="2 idle CPU cores, 2026-12-01")}
+# warm_step: one warm-start step of 32 rows; rollout: sampling + reward of one rollout; train: one rollout at one
+# trained timestep (the theta, theta_old and reference forwards and the backward); eval: one evaluation.
+MEASURED = {("toy", "cpu"): dict(setup=13.0, warm_step=0.38, rollout=0.0125, train=0.0134, eval=2.4,
+                                 where="2 idle CPU cores, 2026-12-01")}
+
+
+def expected_seconds(c, epochs: int, measured: dict, warm: bool) -> float:
+    """The start-up estimate: setup, warm start (if it runs), ``epochs`` epochs and their evaluations."""
+    sizes = config_lib.derived(c)
+    epoch = sizes["samples_per_epoch"] * (measured["rollout"] + sizes["train_timesteps"] * measured["train"])
+    evals = (epochs // c.eval.every + 1) if c.eval.every > 0 else 0
+    warm_s = warm * c.warmup.steps * measured["warm_step"] * c.warmup.batch_size / 32
+    return measured["setup"] + warm_s + epochs * epoch + evals * measured["eval"]
 
 
 def nft_config(c, num_micro_batches: int) -> nft_loss.NFTConfig:
@@ -258,9 +270,9 @@ def plan_line(c, mesh, done_before: int) -> str:
         expected = f"no measured time for task {c.task} on {backend}"
     else:
         warm = c.task == "toy" and c.warmup.steps > 0 and not (epath.Path(c.run_dir) / "warm_base").exists()
-        evals = (epochs // c.eval.every + 1) if c.eval.every > 0 else 0
-        seconds = warm * measured["warm_start"] + epochs * measured["epoch"] + evals * measured["eval"]
-        expected = f"expected ~{seconds / 60:.0f} min (estimate, measured on {measured['where']})"
+        seconds = expected_seconds(c, epochs, measured, warm)
+        minutes = f"{seconds / 60:.1f}" if seconds < 600 else f"{seconds / 60:.0f}"
+        expected = f"expected ~{minutes} min (estimate, measured on {measured['where']})"
     resumed = f" (resuming after {done_before})" if done_before else ""
     return (f"plan: task {c.task}, DiT {_count(n_base)} params + LoRA {_count(n_lora)} trained, {devices}, "
             f"{epochs} epochs to {c.num_epochs}{resumed}; {expected}")

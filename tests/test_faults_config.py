@@ -77,7 +77,7 @@ def test_help_exits_zero_with_override_syntax_and_fields():
 
 
 def test_dry_run_toy_prints_sizes(capsys, tmp_path):
-    c = toy.get_config()
+    c = toy.get_config("long")  # 120 epochs x 2 optimizer steps
     c.run_dir = str(tmp_path)
     report = train.dry_run(c)
     assert report["samples_per_epoch"] == 64 and report["optimizer_steps"] == 240 and report["train_rows"] == 256

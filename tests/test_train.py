@@ -138,3 +138,29 @@ def test_nan_reward_stops_the_run_naming_the_sample(tmp_path):
     c.run_dir = str(tmp_path / "masked")
     out = train.run(c, max_epochs=1)
     assert out["last"]["invalid_rewards"] == 4  # sample 3 of each of the 4 rollout calls (16 samples, 4 per call)
+
+
+# Wall times of whole `python -m edit_r1_jax.train` runs on the build machine (2 idle cores), read off their
+# final "time:" lines (README "Quick start"): the per-unit figures in train.MEASURED must add up to them.
+WHOLE_RUNS_S = {"long": 848.0}
+
+
+@pytest.mark.parametrize("variant", sorted(WHOLE_RUNS_S))
+def test_start_up_estimate_adds_up_to_measured_runs(variant):
+    c = toy.get_config(variant)
+    measured = train.MEASURED[("toy", "cpu")]
+    got = train.expected_seconds(c, c.num_epochs, measured, warm=True)
+    assert abs(got - WHOLE_RUNS_S[variant]) <= 0.1 * WHOLE_RUNS_S[variant], (variant, got)
+    # a second start finds the cached warm base: only the warm start drops out
+    cached = train.expected_seconds(c, c.num_epochs, measured, warm=False)
+    assert got - cached == pytest.approx(c.warmup.steps * measured["warm_step"])
+
+
+def test_toy_variants_compose_and_unknown_ones_are_named():
+    quick, long, control = toy.get_config(), toy.get_config("long"), toy.get_config("long,lr0")
+    assert long.num_epochs > quick.num_epochs and long.warmup.steps > quick.warmup.steps
+    assert control.train.learning_rate == 0.0 < long.train.learning_rate
+    assert control.num_epochs == long.num_epochs and control.warmup.steps == long.warmup.steps
+    assert len({quick.run_dir, long.run_dir, control.run_dir}) == 3  # no run resumes another's checkpoints
+    with pytest.raises(ValueError, match="unknown variant 'fast'; known: long, lr0"):
+        toy.get_config("long,fast")
