@@ -36,7 +36,7 @@ def get_config(variant: str = ""):
                             num_test_rows=64, success_threshold=0.5))
     c.reward.weights = ConfigDict({"toy_edit": 1.0})
     c.sample.num_steps = 6
-    # The quick demo fits in five minutes on 2 CPU cores: 400 warm-start steps and 20 epochs. "long" is the fuller
+    # The quick demo fits in five minutes on 2 CPU cores: 300 warm-start steps and 20 epochs. "long" is the fuller
     # run behind the README's toy table (500 steps, 120 epochs).
     c.num_epochs = 20
     c.sample.group_size = 8
@@ -46,11 +46,11 @@ def get_config(variant: str = ""):
     c.train.steps_per_epoch = 2  # more optimizer steps than the reference's one: the demo must move in minutes
     c.train.micro_batch_size = 32
     c.train.learning_rate = 1e-3
-    c.eval = ConfigDict(dict(every=5, num_steps=15, solver="flow", num_samples=64, batch_size=64))
-    c.checkpoint.every = 5
-    c.log.image_every = 5
+    c.eval = ConfigDict(dict(every=10, num_steps=15, solver="flow", num_samples=64, batch_size=64))
+    c.checkpoint.every = 10
+    c.log.image_every = 10
     c.log.tensorboard = True
-    c.warmup = ConfigDict(dict(steps=400, learning_rate=3e-3, batch_size=32))
+    c.warmup = ConfigDict(dict(steps=300, learning_rate=3e-3, batch_size=32))
     if "long" in names:
         c.num_epochs = 120
         c.eval.every = c.checkpoint.every = c.log.image_every = 20
