@@ -1,6 +1,6 @@
 """The README's before/after picture: a run's first and last held-out grids side by side, labelled.
 
-    python -m tools.toy_picture --run runs/toy --out docs/toy_eval_before_after.png [--after 120]
+    python -m tools.toy_picture --run runs/toy_long --out docs/toy_eval_before_after.png [--after 120]
 
 Each grid is what the trainer wrote to RUN/samples/eval_NNNNNN.png (NNNNNN = epochs done; rows of source |
 edit | verifier score and instruction, the same held-out rows and noise at every evaluation).
