@@ -10,7 +10,6 @@ bitwise comparison compares two runs built the same way. Users' runs keep XLA's 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -22,17 +21,13 @@ def with_test_flags(flags: str) -> str:
     return flags if TEST_XLA_FLAGS in flags else f"{flags} {TEST_XLA_FLAGS}".strip()
 
 
-def env(devices: int | None = None, **extra: str) -> dict[str, str]:
+def env(devices: int | None = None) -> dict[str, str]:
     """The environment for a subprocess: this one's, on the CPU, with ``devices`` host devices (None: XLA's
     default), the test flags and the repository root first on PYTHONPATH."""
-    e = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    e = dict(os.environ, JAX_PLATFORMS="cpu")
     flags = " ".join(f for f in e.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform"))
     if devices is not None:
         flags += f" --xla_force_host_platform_device_count={devices}"
     e["XLA_FLAGS"] = with_test_flags(flags)
     e["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, e.get("PYTHONPATH", "")) if p)
     return e
-
-
-if __name__ == "__main__":
-    print(env(int(sys.argv[1]) if len(sys.argv) > 1 else None)["XLA_FLAGS"])

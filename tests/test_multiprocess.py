@@ -17,16 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from devices import env as device_env
+from devices import ROOT, env as device_env
 
 pytestmark = pytest.mark.slow
 
 WORKER = str(Path(__file__).with_name("mp_train_worker.py"))
-ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-def _env(devices: int):
-    return device_env(devices)
 
 
 def _free_port() -> int:
@@ -36,7 +31,7 @@ def _free_port() -> int:
 
 
 def _run(args, devices, timeout=900):
-    return subprocess.Popen([sys.executable, WORKER, *map(str, args)], env=_env(devices), cwd=ROOT,
+    return subprocess.Popen([sys.executable, WORKER, *map(str, args)], env=device_env(devices), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -73,4 +68,3 @@ def test_two_processes_match_one(tmp_path):
     assert int(a["step"]) == int(b["step"]) == 2
     _assert_same(a, b)
     assert any(np.abs(v).max() > 0 for k, v in a.items() if "lora_b" in k)  # it trained
-

@@ -43,12 +43,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from devices import env as device_env
+from devices import ROOT, env as device_env
 
 pytestmark = pytest.mark.slow
 
 WORKER = str(Path(__file__).with_name("mp_kontext_worker.py"))
-ROOT = str(Path(__file__).resolve().parent.parent)
 # The fixture's epoch-0 group stds are 1.1e-3, 1.5e-3, 1.8e-3 (2.1e-3 on 2 x 4) and 3.8e-3 (3.4e-3), epoch 1's
 # <= 5e-4 and 5e-3: this threshold is >= 6e-4 from each, more than a group std moves between the layouts
 # (<= 3.5e-4 seen). The old 2e-3 sat inside that noise: group 4 was banned on one layout only.

@@ -29,7 +29,7 @@ from qwen_fixtures import randomize, tiny_hf_config
 from qwen_image_tiny import build_pipeline, save_pipeline, tokenizer_dir
 
 from edit_r1_jax.models.qwen_image import text as T
-from devices import env as device_env
+from devices import ROOT, env as device_env
 
 ATOL, RTOL = 2e-5, 1e-4
 PROMPTS = ["make the sky purple", "replace the red car in the lower left corner by a small wooden boat, keep the "
@@ -234,17 +234,14 @@ def test_mesh_equals_single_device(setup, tmp_path):
     """The weights placed on a (data=2, fsdp=2, tensor=2) mesh of 8 host devices by their logical axes give the
     same embeddings (a subprocess: the device count is fixed before jax starts). Same float32 math with other
     reduction splits: atol 1e-5."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
     out = setup.get("batch_out") or setup["enc"](setup["images"], PROMPTS)
     np.savez(tmp_path / "in.npz", a=setup["images"][0], b=setup["images"][1], prompts=np.asarray(PROMPTS))
-    root = Path(__file__).resolve().parents[1]
     env = device_env(8)
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path / "in.npz"), str(setup["out"]),
-                           str(tmp_path / "out.npz")], env=env, capture_output=True, text=True, timeout=300, cwd=root)
+                           str(tmp_path / "out.npz")], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = np.load(tmp_path / "out.npz")
     # q_proj kernel [embed, heads]: embed over fsdp (2), heads over tensor (2): the weights really are sharded

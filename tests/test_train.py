@@ -151,9 +151,6 @@ def test_start_up_estimate_adds_up_to_measured_runs(variant):
     measured = train.MEASURED[("toy", "cpu")]
     got = train.expected_seconds(c, c.num_epochs, measured, warm=True)
     assert abs(got - WHOLE_RUNS_S[variant]) <= 0.1 * WHOLE_RUNS_S[variant], (variant, got)
-    # a second start finds the cached warm base: only the warm start drops out
-    cached = train.expected_seconds(c, c.num_epochs, measured, warm=False)
-    assert got - cached == pytest.approx(c.warmup.steps * measured["warm_step"])
 
 
 def test_toy_variants_compose_and_unknown_ones_are_named():
