@@ -1,7 +1,8 @@
 """Attention benchmark on the CPU. Not a test.
 
 Times one attention call, forward and forward+backward (gradients of q, k, v), float32, for our implementations
-("xla" = jax.nn.dot_product_attention, "flash" = models/attention.py's blocked kernel) and torch's CPU
+("xla" = jax.nn.dot_product_attention, "flash_loop" = models/attention.py's blocked kernel head by head, the CPU
+default, "flash_vmap" = the same kernel batched over heads, the accelerator default) and torch's CPU
 scaled_dot_product_attention, all in the same process, interleaved round by round (median of the repeats), and
 a jitted 2048^2 float32 matmul as the CPU peak:
     python bench/attention.py [--repeats 5] [--cases small,large] [--blocks 256x512,128x256]
@@ -9,7 +10,7 @@ a jitted 2048^2 float32 matmul as the CPU peak:
 Cases: "small" = 8 heads x 64 over 2176 tokens (one block of bench/dit.py), "large" = 24 heads x 128 over
 4096 + 512 tokens (FLUX.1-Kontext at 512^2). Model FLOPs (2 per multiply-add, matmuls only): forward
 4 * B * H * Lq * Lk * D; forward+backward 3x that (dQ, dK, dV, dP double the forward; the flash backward's
-recomputation of the logits is not counted). `--blocks` adds flash with other (block_q x block_k) sizes.
+recomputation of the logits is not counted). `--blocks` adds flash_loop with other (block_q x block_k) sizes.
 Prints one progress line per case to stderr and the JSON to stdout.
 """
 
@@ -57,7 +58,7 @@ def main(argv=None):
     import numpy as np
     import torch
 
-    from edit_r1_jax.models.attention import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, flash_attention
+    from edit_r1_jax.models.attention import BATCHED_BLOCKS, LOOP_BLOCKS, flash_attention
 
     mm = jax.jit(lambda a: a @ a)
     a = jnp.ones((2048, 2048), jnp.float32)
@@ -66,10 +67,12 @@ def main(argv=None):
     print(f"matmul 2048^2 f32: {peak:.4f} s = {peak_gflops:.1f} GFLOP/s", file=sys.stderr, flush=True)
 
     impls = {"xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v),
-             f"flash_{DEFAULT_BLOCK_Q}x{DEFAULT_BLOCK_K}": lambda q, k, v: flash_attention(q, k, v)}
+             "flash_loop_{}x{}".format(*LOOP_BLOCKS): lambda q, k, v: flash_attention(q, k, v, head_loop=True),
+             "flash_vmap_{}x{}".format(*BATCHED_BLOCKS): lambda q, k, v: flash_attention(q, k, v, head_loop=False)}
     for spec in filter(None, args.blocks.split(",")):
         bq, bk = (int(x) for x in spec.split("x"))
-        impls[f"flash_{bq}x{bk}"] = lambda q, k, v, bq=bq, bk=bk: flash_attention(q, k, v, block_q=bq, block_k=bk)
+        impls[f"flash_loop_{bq}x{bk}"] = lambda q, k, v, bq=bq, bk=bk: flash_attention(
+            q, k, v, block_q=bq, block_k=bk, head_loop=True)
 
     results = []
     for case in args.cases.split(","):

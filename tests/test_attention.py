@@ -80,17 +80,37 @@ CASES = {
     "window_block_diagonal": (1, 50, 50, 2, 2, 16,
                               lambda: _segment_mask(np.array([0, 16, 20, 37, 50]), 50)[None, None], 16),
     "per_head_mask_fully_masked_rows": (2, 37, 53, 4, 2, 8, lambda: _fully_masked_rows(2, 4, 37, 53), 16),
+    # [B, 1, 1, Lk], as the Qwen-Image DiT passes its text padding: kept as a mask over keys (query axis 1)
+    "key_padding": (2, 37, 53, 4, 4, 8, lambda: (np.arange(53)[None] < np.array([53, 40])[:, None])[:, None, None],
+                    16),
 }
 
 
+@pytest.mark.parametrize("head_loop", [True, False], ids=["head_loop", "vmap"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_flash_matches_xla_float32(case):
+def test_flash_matches_xla_float32(case, head_loop):
+    """Both ways of mapping the per-head kernel: one head at a time (the CPU default) and batched (accelerators)."""
     B, Lq, Lk, H, Hk, D, make_mask, block = CASES[case]
     mask = None if make_mask is None else make_mask()
     q, k, v, g = _inputs(B, Lq, Lk, H, Hk, D)
     m = None if mask is None else jnp.asarray(mask)
-    got = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, m, block_q=block, block_k=block), q, k, v, g)
+    got = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, m, block_q=block, block_k=block,
+                                                         head_loop=head_loop), q, k, v, g)
     _assert_close(got, _out_and_grads(_xla(mask), q, k, v, g), F32_TOL)
+
+
+def test_flash_default_blocks_and_non_power_of_two_scale():
+    """The default block sizes of both mappings (several blocks at these lengths only for the batched one; one
+    ragged block for the loop), and a head size whose 1/sqrt(D) is not a power of two (bf16 then scales the
+    float32 logits instead of q)."""
+    q, k, v, g = _inputs(2, 300, 530, 6, 3, 24)
+    want = _out_and_grads(_xla(None), q, k, v, g)
+    for head_loop in (True, False):
+        got = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, head_loop=head_loop), q, k, v, g)
+        _assert_close(got, want, F32_TOL)
+    qb, kb, vb, gb = (x.astype(jnp.bfloat16) for x in (q, k, v, g))
+    got = _out_and_grads(lambda q, k, v: flash_attention(q, k, v), qb, kb, vb, gb)
+    _assert_close(got, _out_and_grads(_xla(None), qb, kb, vb, gb), BF16_TOL)
 
 
 def test_flash_fully_masked_row_matches_xla_semantics():
@@ -103,11 +123,13 @@ def test_flash_fully_masked_row_matches_xla_semantics():
                                rtol=1e-5, atol=1e-6)
 
 
-def test_flash_matches_xla_bf16():
+@pytest.mark.parametrize("head_loop", [True, False], ids=["head_loop", "vmap"])
+def test_flash_matches_xla_bf16(head_loop):
     B, Lq, Lk, H, Hk, D, make_mask, block = CASES["causal_padding_gqa"]
     mask = make_mask()
     q, k, v, g = _inputs(B, Lq, Lk, H, Hk, D, dtype=jnp.bfloat16)
-    got = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, mask, block_q=block, block_k=block), q, k, v, g)
+    got = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, mask, block_q=block, block_k=block,
+                                                         head_loop=head_loop), q, k, v, g)
     assert all(x.dtype == jnp.bfloat16 for x in got)
     _assert_close(got, _out_and_grads(_xla(mask), q, k, v, g), BF16_TOL)
 
@@ -118,7 +140,7 @@ def test_attention_entry_point_uses_flash_on_cpu_and_matches(caplog, monkeypatch
     mask = _causal_padding(2, 45)  # [B, 1, L, L], as the Qwen2.5-VL language model passes it
     with caplog.at_level(logging.INFO, logger="edit_r1_jax.attention"):
         got = _out_and_grads(lambda q, k, v: attention(q, k, v, mask=mask), q, k, v, g)
-    assert "implementation=flash backend=cpu" in caplog.text
+    assert "implementation=flash backend=cpu" in caplog.text and "head by head" in caplog.text
     _assert_close(got, _out_and_grads(_xla(mask), q, k, v, g), F32_TOL)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="edit_r1_jax.attention"):
@@ -126,6 +148,23 @@ def test_attention_entry_point_uses_flash_on_cpu_and_matches(caplog, monkeypatch
         attention(q, k, v, implementation="xla")
     assert "implementation=flash" not in caplog.text  # logged once only
     assert "implementation=xla backend=cpu" in caplog.text and "requested" in caplog.text
+
+
+def test_flash_head_loop_only_without_a_multi_device_mesh(caplog, monkeypatch):
+    """The head loop would make GSPMD gather a sharded batch or head axis (tests the decision; both mappings'
+    numbers are tested above)."""
+    from jax.sharding import AbstractMesh, AxisType
+
+    assert attn_mod.head_loop_default()  # CPU, no mesh
+    q, k, _, _ = _inputs(1, 8, 8, 2, 2, 8)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,))):
+        assert attn_mod.head_loop_default()
+    with jax.sharding.use_abstract_mesh(AbstractMesh((4,), ("data",), axis_types=(AxisType.Auto,))):
+        assert not attn_mod.head_loop_default()
+        impl, reason = resolve_implementation(None, jnp.float32, q, k)
+    assert impl == "flash" and "batched over heads (a multi-device mesh is active" in reason
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert not attn_mod.head_loop_default()
 
 
 def test_invalid_and_unavailable_implementations_raise():

@@ -13,7 +13,9 @@ Logits are accumulated and the softmax statistics are kept in float32 whatever t
     * ``"xla"``: ``jax.nn.dot_product_attention``'s XLA implementation (materialises the [B, H, Lq, Lk] logits).
     * ``"flash"``: :func:`flash_attention`, plain JAX, blocked over queries and keys with an online softmax and a
       custom VJP that recomputes the probabilities block by block (FlashAttention-2 backward; only the output and
-      two float32 statistics per query row are saved). Runs on every backend.
+      two float32 statistics per query row are saved). Runs on every backend. The kernel works on one kv head at
+      a time with plain 2-D matmuls; on the CPU it is mapped over batch x heads in a loop (XLA:CPU runs a large
+      2-D matmul on every core, a batched one much slower), elsewhere batched with ``vmap``.
     * ``"cudnn"``: cuDNN fused attention (GPU, bf16/fp16 only); raises if unavailable (never a silent fallback).
     * ``"splash"``: the Pallas TPU *splash* attention kernel (``jax.experimental.pallas.ops.tpu.splash_attention``).
       It takes no mask, or a mask whose value is known at trace time (built from numpy/constants, e.g. the
@@ -53,7 +55,7 @@ _MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
 def _log_once(impl: str, backend: str, dtype, reason: str) -> None:
-    key = (impl, backend, str(dtype))
+    key = (impl, backend, str(dtype), reason)
     with _LOCK:
         if key in _LOGGED:
             return
@@ -83,93 +85,129 @@ def _put(buf, x, i, size, axis):
 
 
 def _scores(qi, kj, maskb, j, bk, lk, lkp, scale):
-    """float32 logits of one [bq, bk] block; user-masked -> _MASKED (as jax), padded keys -> -inf (never count)."""
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * scale
+    """float32 logits of one [rows, bk] block (rows = query heads sharing the kv head x block queries);
+    user-masked -> _MASKED (as jax), padded keys -> -inf (never count)."""
+    s = jnp.einsum("qd,kd->qk", qi, kj, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+        s = s * scale
     if maskb is not None:
         s = jnp.where(maskb, s, _MASKED)
     if lkp != lk:
-        col = lax.broadcasted_iota(jnp.int32, s.shape, s.ndim - 1) + j * bk
+        col = lax.broadcasted_iota(jnp.int32, s.shape, 1) + j * bk
         s = jnp.where(col < lk, s, -jnp.inf)
     return s
 
 
-def _mask_blk(mask, i, j, bq, bk):
-    return None if mask is None else _blk(_blk(mask, i, bq, 3), j, bk, 4)
+def _rows(x, i, bq):
+    """Query block i of a per-head array [G, Lqp, ...] as rows [G * bq, ...] (G query heads share one kv head)."""
+    x = _blk(x, i, bq, 1)
+    return x.reshape(x.shape[0] * bq, *x.shape[2:])
 
 
-def _flash_fwd(q, k, v, mask, scale, bq, bk, lk):
-    """q [B, Hk, G, Lqp, D], k/v [B, Hk, Lkp, D], mask None or bool [Bm, Hm, Gm, Lqp, Lkp].
-    Returns out (q.dtype), row max m and row sum l (float32, [B, Hk, G, Lqp])."""
-    B, Hk, G, Lqp, D = q.shape
-    Lkp = k.shape[2]
+def _mask_rows(mask, i, j, bq, bk, g):
+    """Mask block (i, j) of a per-head mask [Gm, Lqp or 1, Lkp] (Gm 1 or G; a query axis of 1 is a mask over keys
+    only, e.g. padding) as rows [G * bq, bk]."""
+    if mask is None:
+        return None
+    mb = _blk(mask if mask.shape[1] == 1 else _blk(mask, i, bq, 1), j, bk, 2)
+    return jnp.broadcast_to(mb, (g, bq, bk)).reshape(g * bq, bk)
+
+
+def _head_fwd(q, k, v, mask, scale, bq, bk, lk):
+    """One kv head: q [G, Lqp, D], k/v [Lkp, D], mask None or bool [Gm, Lqp, Lkp].
+    Returns out [G, Lqp, D] (q.dtype), row max m and row sum l ([G, Lqp], float32)."""
+    G, Lqp, D = q.shape
+    Lkp = k.shape[0]
     nq, nk = Lqp // bq, Lkp // bk
 
     def q_body(i, carry):
         out, ms, ls = carry
-        qi = _blk(q, i, bq, 3)
+        qi = _rows(q, i, bq)
 
         def k_body(j, c):
             m, l, acc = c
-            s = _scores(qi, _blk(k, j, bk, 2), _mask_blk(mask, i, j, bq, bk), j, bk, lk, Lkp, scale)
+            s = _scores(qi, _blk(k, j, bk, 0), _mask_rows(mask, i, j, bq, bk, G), j, bk, lk, Lkp, scale)
             m_new = jnp.maximum(m, s.max(-1))
             alpha = jnp.exp(m - m_new)  # m starts at -inf; block 0 always holds a real key, so m_new is finite
-            p = jnp.exp(s - m_new[..., None])
-            pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), _blk(v, j, bk, 2),
-                            preferred_element_type=jnp.float32)
-            return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+            p = jnp.exp(s - m_new[:, None])
+            pv = jnp.einsum("qk,kd->qd", p.astype(v.dtype), _blk(v, j, bk, 0), preferred_element_type=jnp.float32)
+            return m_new, alpha * l + p.sum(-1), alpha[:, None] * acc + pv
 
-        stat = (B, Hk, G, bq)
-        m, l, acc = _loop(nk, k_body, (jnp.full(stat, -jnp.inf, jnp.float32), jnp.zeros(stat, jnp.float32),
-                                       jnp.zeros((*stat, D), jnp.float32)))
-        o = (acc / l[..., None]).astype(q.dtype)
+        rows = G * bq
+        m, l, acc = _loop(nk, k_body, (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+                                       jnp.zeros((rows, D), jnp.float32)))
+        o = (acc / l[:, None]).astype(q.dtype).reshape(G, bq, D)
+        m, l = m.reshape(G, bq), l.reshape(G, bq)
         if nq == 1:
             return o, m, l
-        return _put(out, o, i, bq, 3), _put(ms, m, i, bq, 3), _put(ls, l, i, bq, 3)
+        return _put(out, o, i, bq, 1), _put(ms, m, i, bq, 1), _put(ls, l, i, bq, 1)
 
-    stat = (B, Hk, G, Lqp)
-    return _loop(nq, q_body, (jnp.zeros(q.shape, q.dtype), jnp.zeros(stat, jnp.float32),
-                              jnp.zeros(stat, jnp.float32)))
+    return _loop(nq, q_body, (jnp.zeros(q.shape, q.dtype), jnp.zeros((G, Lqp), jnp.float32),
+                              jnp.zeros((G, Lqp), jnp.float32)))
 
 
-def _flash_bwd(q, k, v, mask, o, m, l, do, scale, bq, bk, lk):
-    """FlashAttention-2 backward: outer loop over key blocks (dk, dv accumulate in the carry), inner over query
-    blocks (dq accumulates in place); P = exp(s - m) / l is recomputed per block."""
-    Lqp, Lkp = q.shape[3], k.shape[2]
+def _head_bwd(q, k, v, mask, o, m, l, do, scale, bq, bk, lk):
+    """FlashAttention-2 backward for one kv head (shapes as _head_fwd): outer loop over key blocks (dk, dv of the
+    block accumulate in the carry), inner over query blocks (dq accumulates in place). Returns float32
+    dq [G, Lqp, D], dk, dv [Lkp, D].
+
+    With E = exp(s - m) recomputed per block, P = E / l. The row factor 1/l is moved onto dO and delta once per
+    head ([L, D] work) instead of onto every probability block ([L, L]): dV = P^T dO = E^T (dO / l) and
+    dS = P * (dP - delta) = E * ((dO / l) V^T - delta / l). (Not logsumexp either: in a fully masked row
+    m = -2.4e38 and m + log(Lk) rounds back to m, which would lose the 1/Lk of the uniform row.)"""
+    G, Lqp, D = q.shape
+    Lkp = k.shape[0]
     nq, nk = Lqp // bq, Lkp // bk
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # rowsum(dO * O) = rowsum(P * dP)
-    # Kept as (m, 1/l) rather than logsumexp: in a fully masked row m = -2.4e38 and m + log(Lk) rounds back to m,
-    # which would lose the 1/Lk of the uniform row.
     inv_l = 1.0 / l
+    do32 = do.astype(jnp.float32)
+    delta = jnp.sum(do32 * o.astype(jnp.float32), -1) * inv_l  # rowsum(dO * O) / l = rowsum(P * dP) / l
+    do = (do32 * inv_l[..., None]).astype(do.dtype)
 
     def k_body(j, carry):
         dq, dk, dv = carry
-        kj, vj = _blk(k, j, bk, 2), _blk(v, j, bk, 2)
+        kj, vj = _blk(k, j, bk, 0), _blk(v, j, bk, 0)
 
         def q_body(i, c):
             dq, dkj, dvj = c
-            qi, doi = _blk(q, i, bq, 3), _blk(do, i, bq, 3)
-            mb = _mask_blk(mask, i, j, bq, bk)
+            qi, doi = _rows(q, i, bq), _rows(do, i, bq)
+            mb = _mask_rows(mask, i, j, bq, bk, G)
             s = _scores(qi, kj, mb, j, bk, lk, Lkp, scale)
-            p = jnp.exp(s - _blk(m, i, bq, 3)[..., None]) * _blk(inv_l, i, bq, 3)[..., None]
-            dvj = dvj + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do.dtype), doi, preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bhgqd,bhkd->bhgqk", doi, vj, preferred_element_type=jnp.float32)
-            ds = p * (dp - _blk(delta, i, bq, 3)[..., None])
+            e = jnp.exp(s - _rows(m, i, bq)[:, None])
+            dvj = dvj + jnp.einsum("qk,qd->kd", e.astype(do.dtype), doi, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("qd,kd->qk", doi, vj, preferred_element_type=jnp.float32)
+            ds = e * (dp - _rows(delta, i, bq)[:, None])
             if mb is not None:  # masked logits are constants: no gradient (matters only in fully masked rows)
                 ds = jnp.where(mb, ds, 0.0)
             ds = (ds * scale).astype(q.dtype)
-            dqi = jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj, preferred_element_type=jnp.float32)
-            dkj = dkj + jnp.einsum("bhgqk,bhgqd->bhkd", ds, qi, preferred_element_type=jnp.float32)
-            dq = dq + dqi if nq == 1 else _put(dq, _blk(dq, i, bq, 3) + dqi, i, bq, 3)
+            dqi = jnp.einsum("qk,kd->qd", ds, kj, preferred_element_type=jnp.float32).reshape(G, bq, D)
+            dkj = dkj + jnp.einsum("qk,qd->kd", ds, qi, preferred_element_type=jnp.float32)
+            dq = dq + dqi if nq == 1 else _put(dq, _blk(dq, i, bq, 1) + dqi, i, bq, 1)
             return dq, dkj, dvj
 
-        zero = jnp.zeros((*k.shape[:2], bk, k.shape[3]), jnp.float32)
+        zero = jnp.zeros((bk, D), jnp.float32)
         dq, dkj, dvj = _loop(nq, q_body, (dq, zero, zero))
         if nk == 1:
             return dq, dkj, dvj
-        return dq, _put(dk, dkj, j, bk, 2), _put(dv, dvj, j, bk, 2)
+        return dq, _put(dk, dkj, j, bk, 0), _put(dv, dvj, j, bk, 0)
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     return _loop(nk, k_body, init)
+
+
+def _map_axis(f, loop, xs, mask):
+    """f(x, mask_x) over axis 0 of every array in xs, and of mask where its axis 0 is longer than 1 (a length-1
+    axis is shared by every step). ``loop``: one step at a time (lax.map), else batched (jax.vmap)."""
+    if mask is None or mask.shape[0] == 1:
+        shared = None if mask is None else mask[0]
+        g = lambda x: f(x, shared)  # noqa: E731
+        return lax.map(g, xs) if loop else jax.vmap(g)(xs)
+    return lax.map(lambda a: f(*a), (xs, mask)) if loop else jax.vmap(f)(xs, mask)
+
+
+def _per_head(f, loop, xs, mask):
+    """f(xs_bh, mask_bh) for every (batch, kv head): xs have leading [B, Hk]; mask None or [Bm, Hm, Gm, Lqp, Lkp]
+    with Bm in (1, B), Hm in (1, Hk)."""
+    return _map_axis(lambda xb, mb: _map_axis(lambda x, m: f(*x, m), loop, xb, mb), loop, xs, mask)
 
 
 def _block_size(length: int, block: int, multiple: int = 8) -> tuple[int, int]:
@@ -179,47 +217,81 @@ def _block_size(length: int, block: int, multiple: int = 8) -> tuple[int, int]:
     return b, n * b
 
 
-# Chosen on XLA:CPU (2 cores, 8 heads x 64, 2176 tokens) side by side with 64x128, 128x256, 128x512, 256x256,
-# 512x512, 256x1024 and full-row blocks: 256x512 was fastest forward and tied for forward+backward; XLA's
-# batched dot loses efficiency on smaller tiles, larger ones fall out of cache. Re-tune with bench/attention.py.
-DEFAULT_BLOCK_Q = 256
-DEFAULT_BLOCK_K = 512
+# Block sizes (block_q x block_k), per way of mapping the kernel over heads. Head by head ("loop", the CPU
+# default): chosen on XLA:CPU (2 cores; 8 heads x 64 over 2176 tokens and 24 x 128 over 4608) beside 256x512,
+# 384/512x1152, 512x768, 512/1088x2176, 1088x1088 and 768x1536: 640x1152 (blocks of 544x1088 at 2176 tokens) was
+# fastest or tied; smaller blocks fall below the size at which XLA runs a matmul on both cores. Batched over
+# heads ("vmap"): 256x512 was fastest on the same CPU before the head loop; on accelerators this path is only
+# the fallback (module docstring). Re-tune with bench/attention.py --blocks.
+LOOP_BLOCKS = (640, 1152)
+BATCHED_BLOCKS = (256, 512)
 
 
-def flash_attention(q, k, v, mask=None, *, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
+def head_loop_default() -> bool:
+    """Whether flash_attention maps its kernel over heads one at a time by default: on the CPU backend, unless a
+    mesh of more than one device is active (``jax.set_mesh``). The loop slices the batch and head axes one index
+    at a time, and GSPMD would gather a sharded batch or head axis onto every device to do that (checked: the
+    compiled program all-gathers q, k and v); batched, they stay sharded."""
+    if jax.default_backend() != "cpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh is None or mesh.empty or mesh.size <= 1
+
+
+def flash_attention(q, k, v, mask=None, *, block_q: int | None = None, block_k: int | None = None,
+                    head_loop: bool | None = None):
     """Blocked attention in plain JAX (see the module docstring). q/k/v ``[B, L, H, D]``, mask bool broadcastable to
-    ``[B, H, Lq, Lk]``. Lengths need not divide the blocks: inputs are padded and padded keys never count."""
+    ``[B, H, Lq, Lk]``. Lengths need not divide the blocks: inputs are padded and padded keys never count.
+
+    The kernel is written for one kv head (its G query heads stacked as rows, so every product is a plain 2-D
+    matmul). ``head_loop`` maps it over batch x kv heads one head at a time (``lax.map``) instead of batched
+    (``jax.vmap``, batched matmuls over all heads at once). ``None`` = loop on the CPU, where XLA runs a large
+    2-D matmul on all cores but a batched one slower (bench/attention.py), batched elsewhere (accelerators, and
+    a multi-device mesh: see head_loop_default). ``block_q`` / ``block_k`` default to LOOP_BLOCKS or
+    BATCHED_BLOCKS accordingly, the default ``block_q`` divided by G (a block holds G query heads' rows)."""
     B, Lq, H, D = q.shape
     Lk, Hk = k.shape[1], k.shape[2]
     G = H // Hk
-    bq, Lqp = _block_size(Lq, block_q)
-    bk, Lkp = _block_size(Lk, block_k)
+    loop = head_loop_default() if head_loop is None else bool(head_loop)
+    default_q, default_k = LOOP_BLOCKS if loop else BATCHED_BLOCKS
+    bq, Lqp = _block_size(Lq, block_q or max(default_q // G, 8))
+    bk, Lkp = _block_size(Lk, block_k or default_k)
     scale = 1.0 / math.sqrt(D)
+    # q is scaled once ([L, D]) instead of every logit block ([L, L]: one pass less per block, ~7% of the forward
+    # on the CPU), where that costs no precision the reference keeps: float32, or a power-of-two scale (exact).
+    # Otherwise (bf16 with D = 128) the float32 logits are scaled, as jax.nn.dot_product_attention does.
+    pre = jnp.dtype(q.dtype) == jnp.float32 or math.log2(scale).is_integer()
+    logit_scale = 1.0 if pre else scale
 
-    def heads_major(x, lp):  # [B, L, h, D] -> [B, h, Lp, D]: contiguous per-head blocks for the batched dots
+    def heads_major(x, lp):  # [B, L, h, D] -> [B, h, Lp, D]: contiguous per-head blocks
         x = jnp.swapaxes(x, 1, 2)
         return jnp.pad(x, ((0, 0), (0, 0), (0, lp - x.shape[2]), (0, 0))) if lp != x.shape[2] else x
 
     if mask is not None:
         mask = jnp.asarray(mask, bool)
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        Bm, Hm = mask.shape[0], mask.shape[1]
-        mask = jnp.broadcast_to(mask, (Bm, Hm, Lq, Lk))
-        mask = mask.reshape(Bm, Hk, G, Lq, Lk) if Hm == H else mask.reshape(Bm, 1, 1, Lq, Lk)
-        if (Lqp, Lkp) != (Lq, Lk):
-            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, Lqp - Lq), (0, Lkp - Lk)))
+        Bm, Hm, Lm = mask.shape[0], mask.shape[1], mask.shape[2]
+        lm, lmp = (1, 1) if Lm == 1 else (Lq, Lqp)  # a key-only mask keeps its query axis of 1 (never broadcast)
+        mask = jnp.broadcast_to(mask, (Bm, Hm, lm, Lk))
+        mask = mask.reshape(Bm, Hk, G, lm, Lk) if Hm == H else mask.reshape(Bm, 1, 1, lm, Lk)
+        if (lmp, Lkp) != (lm, Lk):
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, lmp - lm), (0, Lkp - Lk)))
 
     def fwd(q, k, v, mask):
-        qh = heads_major(q, Lqp).reshape(B, Hk, G, Lqp, D)
+        qh = heads_major(q * jnp.asarray(scale, q.dtype) if pre else q, Lqp).reshape(B, Hk, G, Lqp, D)
         kh, vh = heads_major(k, Lkp), heads_major(v, Lkp)
-        o, m, l = _flash_fwd(qh, kh, vh, mask, scale, bq, bk, Lk)
+        o, m, l = _per_head(lambda q, k, v, mk: _head_fwd(q, k, v, mk, logit_scale, bq, bk, Lk), loop, (qh, kh, vh),
+                            mask)
         out = jnp.swapaxes(o.reshape(B, H, Lqp, D)[:, :, :Lq], 1, 2)
         return out, (qh, kh, vh, mask, o, m, l)
 
     def bwd(res, g):
         qh, kh, vh, mask, o, m, l = res
         do = heads_major(g, Lqp).reshape(B, Hk, G, Lqp, D)
-        dq, dk, dv = _flash_bwd(qh, kh, vh, mask, o, m, l, do, scale, bq, bk, Lk)
+        dq, dk, dv = _per_head(
+            lambda q, k, v, o, m, l, do, mk: _head_bwd(q, k, v, mk, o, m, l, do, logit_scale, bq, bk, Lk),
+            loop, (qh, kh, vh, o, m, l, do), mask)
+        dq = dq * scale if pre else dq  # the kernel's dq is d/d(scaled q)
         dq = jnp.swapaxes(dq.reshape(B, H, Lqp, D)[:, :, :Lq], 1, 2).astype(q.dtype)
         dk = jnp.swapaxes(dk[:, :, :Lk], 1, 2).astype(k.dtype)
         dv = jnp.swapaxes(dv[:, :, :Lk], 1, 2).astype(v.dtype)
@@ -329,7 +401,13 @@ def resolve_implementation(implementation: str | None, dtype, q=None, k=None, ma
         if problem:
             return "flash", f"auto: TPU but splash cannot take the inputs ({problem}); blocked plain-JAX attention"
         return "splash", "auto: TPU, Pallas splash attention"
-    return "flash", f"auto: backend {backend}, blocked plain-JAX attention (faster than XLA's there)"
+    if head_loop_default():
+        how = "head by head"
+    elif backend == "cpu":
+        how = "batched over heads (a multi-device mesh is active: the head loop would gather sharded axes)"
+    else:
+        how = "batched over heads"
+    return "flash", f"auto: backend {backend}, blocked plain-JAX attention {how} (faster than XLA's there)"
 
 
 def attention(q, k, v, *, mask=None, implementation: str | None = None, interpret: bool = False):
