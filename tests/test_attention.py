@@ -140,7 +140,8 @@ def test_attention_entry_point_uses_flash_on_cpu_and_matches(caplog, monkeypatch
     mask = _causal_padding(2, 45)  # [B, 1, L, L], as the Qwen2.5-VL language model passes it
     with caplog.at_level(logging.INFO, logger="edit_r1_jax.attention"):
         got = _out_and_grads(lambda q, k, v: attention(q, k, v, mask=mask), q, k, v, g)
-    assert "implementation=flash backend=cpu" in caplog.text and "head by head" in caplog.text
+    assert "implementation=flash backend=cpu" in caplog.text
+    assert "batched over heads (90 x 45 logits per head" in caplog.text  # 45 queries x 2 heads per kv head
     _assert_close(got, _out_and_grads(_xla(mask), q, k, v, g), F32_TOL)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="edit_r1_jax.attention"):
@@ -150,21 +151,27 @@ def test_attention_entry_point_uses_flash_on_cpu_and_matches(caplog, monkeypatch
     assert "implementation=xla backend=cpu" in caplog.text and "requested" in caplog.text
 
 
-def test_flash_head_loop_only_without_a_multi_device_mesh(caplog, monkeypatch):
-    """The head loop would make GSPMD gather a sharded batch or head axis (tests the decision; both mappings'
-    numbers are tested above)."""
+def test_flash_head_loop_choice():
+    """The default mapping: the head loop on one CPU device for attention large enough to gain from it; batched
+    for small attention, under a multi-device mesh (the loop would make GSPMD gather a sharded batch or head
+    axis) and on accelerators. Both mappings' numbers are tested above."""
     from jax.sharding import AbstractMesh, AxisType
 
-    assert attn_mod.head_loop_default()  # CPU, no mesh
-    q, k, _, _ = _inputs(1, 8, 8, 2, 2, 8)
+    big = attn_mod.LOOP_MIN_LOGITS // 1024
+    assert attn_mod.head_loop_choice(1024, big) == (True, "head by head")
+    loop, why = attn_mod.head_loop_choice(1024, big - 1)
+    assert not loop and f"1024 x {big - 1} logits per head" in why
     with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,))):
-        assert attn_mod.head_loop_default()
+        assert attn_mod.head_loop_choice(1024, big)[0]
     with jax.sharding.use_abstract_mesh(AbstractMesh((4,), ("data",), axis_types=(AxisType.Auto,))):
-        assert not attn_mod.head_loop_default()
-        impl, reason = resolve_implementation(None, jnp.float32, q, k)
-    assert impl == "flash" and "batched over heads (a multi-device mesh is active" in reason
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert not attn_mod.head_loop_default()
+        loop, why = attn_mod.head_loop_choice(1024, big)
+        assert not loop and "a multi-device mesh is active" in why
+        q, k, _, _ = _inputs(1, 1024, 1024, 2, 2, 8)
+        assert "a multi-device mesh is active" in resolve_implementation(None, jnp.float32, q, k)[1]
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as m:
+        m.setattr(jax, "default_backend", lambda: "tpu")
+        assert not attn_mod.head_loop_choice(4096, 4096)[0]
 
 
 def test_invalid_and_unavailable_implementations_raise():

@@ -227,15 +227,27 @@ LOOP_BLOCKS = (640, 1152)
 BATCHED_BLOCKS = (256, 512)
 
 
-def head_loop_default() -> bool:
-    """Whether flash_attention maps its kernel over heads one at a time by default: on the CPU backend, unless a
-    mesh of more than one device is active (``jax.set_mesh``). The loop slices the batch and head axes one index
-    at a time, and GSPMD would gather a sharded batch or head axis onto every device to do that (checked: the
-    compiled program all-gathers q, k and v); batched, they stay sharded."""
+# Below this many logits per (batch, kv head) (query rows x keys) the loop's per-step cost outweighs the larger
+# matmuls: measured on XLA:CPU (2 cores), batched won at 136 tokens (the toy DiT; 2.3x faster forward), tied at
+# 300, and the loop won from 600 tokens up (1.5x forward+backward at 600, 1.8x at 2176).
+LOOP_MIN_LOGITS = 512 * 512
+
+
+def head_loop_choice(q_rows: int, k_len: int) -> tuple[bool, str]:
+    """(loop?, why) for flash_attention's default mapping over heads, given the query rows per kv head
+    (query length x query heads per kv head) and the key length. The loop runs on the CPU backend, for
+    attention of at least LOOP_MIN_LOGITS logits per head, unless a mesh of more than one device is active
+    (``jax.set_mesh``): the loop slices the batch and head axes one index at a time, and GSPMD would gather a
+    sharded batch or head axis onto every device to do that (checked: the compiled program all-gathers q, k
+    and v); batched, they stay sharded."""
     if jax.default_backend() != "cpu":
-        return False
+        return False, "batched over heads"
     mesh = jax.sharding.get_abstract_mesh()
-    return mesh is None or mesh.empty or mesh.size <= 1
+    if not (mesh is None or mesh.empty or mesh.size <= 1):
+        return False, "batched over heads (a multi-device mesh is active: the head loop would gather sharded axes)"
+    if q_rows * k_len < LOOP_MIN_LOGITS:
+        return False, f"batched over heads ({q_rows} x {k_len} logits per head: below the head loop's size)"
+    return True, "head by head"
 
 
 def flash_attention(q, k, v, mask=None, *, block_q: int | None = None, block_k: int | None = None,
@@ -247,12 +259,12 @@ def flash_attention(q, k, v, mask=None, *, block_q: int | None = None, block_k: 
     matmul). ``head_loop`` maps it over batch x kv heads one head at a time (``lax.map``) instead of batched
     (``jax.vmap``, batched matmuls over all heads at once). ``None`` = loop on the CPU, where XLA runs a large
     2-D matmul on all cores but a batched one slower (bench/attention.py), batched elsewhere (accelerators, and
-    a multi-device mesh: see head_loop_default). ``block_q`` / ``block_k`` default to LOOP_BLOCKS or
+    small attention or a multi-device mesh: see head_loop_choice). ``block_q`` / ``block_k`` default to LOOP_BLOCKS or
     BATCHED_BLOCKS accordingly, the default ``block_q`` divided by G (a block holds G query heads' rows)."""
     B, Lq, H, D = q.shape
     Lk, Hk = k.shape[1], k.shape[2]
     G = H // Hk
-    loop = head_loop_default() if head_loop is None else bool(head_loop)
+    loop = head_loop_choice(Lq * G, Lk)[0] if head_loop is None else bool(head_loop)
     default_q, default_k = LOOP_BLOCKS if loop else BATCHED_BLOCKS
     bq, Lqp = _block_size(Lq, block_q or max(default_q // G, 8))
     bk, Lkp = _block_size(Lk, block_k or default_k)
@@ -401,13 +413,8 @@ def resolve_implementation(implementation: str | None, dtype, q=None, k=None, ma
         if problem:
             return "flash", f"auto: TPU but splash cannot take the inputs ({problem}); blocked plain-JAX attention"
         return "splash", "auto: TPU, Pallas splash attention"
-    if head_loop_default():
-        how = "head by head"
-    elif backend == "cpu":
-        how = "batched over heads (a multi-device mesh is active: the head loop would gather sharded axes)"
-    else:
-        how = "batched over heads"
-    return "flash", f"auto: backend {backend}, blocked plain-JAX attention {how} (faster than XLA's there)"
+    how = "" if q is None else ", " + head_loop_choice(q.shape[1] * (q.shape[2] // k.shape[2]), k.shape[1])[1]
+    return "flash", f"auto: backend {backend}, blocked plain-JAX attention{how} (faster than XLA's there)"
 
 
 def attention(q, k, v, *, mask=None, implementation: str | None = None, interpret: bool = False):
