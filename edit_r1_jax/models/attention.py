@@ -229,7 +229,7 @@ BATCHED_BLOCKS = (256, 512)
 
 # Below this many logits per (batch, kv head) (query rows x keys) the loop's per-step cost outweighs the larger
 # matmuls: measured on XLA:CPU (2 cores), batched won at 136 tokens (the toy DiT; 2.3x faster forward), tied at
-# 300, and the loop won from 600 tokens up (1.5x forward+backward at 600, 1.8x at 2176).
+# 300, and the loop won from 600 tokens up (1.6x forward+backward at 600, 1.8x at 2176).
 LOOP_MIN_LOGITS = 512 * 512
 
 
