@@ -151,7 +151,7 @@ def test_attention_entry_point_uses_flash_on_cpu_and_matches(caplog, monkeypatch
     assert "implementation=xla backend=cpu" in caplog.text and "requested" in caplog.text
 
 
-def test_flash_head_loop_choice():
+def test_flash_head_loop_choice(monkeypatch):
     """The default mapping: the head loop on one CPU device for attention large enough to gain from it; batched
     for small attention, under a multi-device mesh (the loop would make GSPMD gather a sharded batch or head
     axis) and on accelerators. Both mappings' numbers are tested above."""
@@ -168,10 +168,8 @@ def test_flash_head_loop_choice():
         assert not loop and "a multi-device mesh is active" in why
         q, k, _, _ = _inputs(1, 1024, 1024, 2, 2, 8)
         assert "a multi-device mesh is active" in resolve_implementation(None, jnp.float32, q, k)[1]
-    monkeypatch = pytest.MonkeyPatch()
-    with monkeypatch.context() as m:
-        m.setattr(jax, "default_backend", lambda: "tpu")
-        assert not attn_mod.head_loop_choice(4096, 4096)[0]
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert not attn_mod.head_loop_choice(4096, 4096)[0]
 
 
 def test_invalid_and_unavailable_implementations_raise():
