@@ -1,10 +1,15 @@
 """The XLA settings of the test process and of every subprocess a test starts.
 
-Tests compile many small programs whose run time is negligible next to their compile time, so they compile with
-LLVM at -O0 (``--xla_backend_optimization_level=0``): that halves the XLA compile time of the tiny train step
-(measured: 19.6 s -> 9.1 s) and so most of the suite's. What it changes is machine code, not the computation:
-values move at float32 rounding level (e.g. no fused multiply-adds), far inside every tolerance, and each
-bitwise comparison compares two runs built the same way. Users' runs keep XLA's default level.
+Tests compile many small programs whose run time is negligible next to their compile time, so they compile for
+compile speed:
+* LLVM at -O0 (``--xla_backend_optimization_level=0``): halves the XLA compile time of the tiny train step
+  (measured: 19.6 s -> 9.1 s) and so most of the suite's.
+* XLA:CPU's older elemental emitters instead of its MLIR fusion emitters (``--xla_cpu_use_fusion_emitters=false``):
+  the 8-device FLUX sharding check (tests/flux_sharding_check.py) spends 16.1-16.8 s compiling instead of
+  26.6-27.9 s, the toy two-process test takes 73 s instead of 106 s (cold compile cache, this 2-core machine).
+What they change is machine code, not the computation: values move at float32 rounding level (e.g. no fused
+multiply-adds, another exp/tanh polynomial), far inside every tolerance, and each bitwise comparison compares two
+runs built the same way. Users' runs keep XLA's defaults.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import os
 from pathlib import Path
 
 ROOT = str(Path(__file__).resolve().parent.parent)
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 
 def with_test_flags(flags: str) -> str:
-    """``flags`` plus the test flags (once)."""
-    return flags if TEST_XLA_FLAGS in flags else f"{flags} {TEST_XLA_FLAGS}".strip()
+    """``flags`` plus each test flag it does not already set."""
+    have = {f.split("=", 1)[0] for f in flags.split()}
+    return " ".join([*flags.split(), *(f for f in TEST_XLA_FLAGS if f.split("=", 1)[0] not in have)])
 
 
 def env(devices: int | None = None) -> dict[str, str]:
