@@ -19,6 +19,9 @@ def get_config(variant: str = "") -> ConfigDict:
     c.run_dir = "runs/kontext"
     c.num_epochs = 100000
     c.resume = True  # continue from the latest checkpoint in run_dir/checkpoints if there is one
+    # Compiled XLA programs kept across starts (a restart or preemption skips the recompile): "" = jax's
+    # JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/edit_r1_jax/xla; a folder or bucket URL; "none" = off
+    c.compile_cache_dir = ""
 
     # allow_replicated_fallback: a mesh the device topology cannot lay out, or a parameter dim its mesh axes do
     # not divide, raises at start-up; True falls back (device order as listed / replicated) with a warning.
