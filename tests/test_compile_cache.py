@@ -79,8 +79,10 @@ def test_where_the_cache_goes(tmp_path, monkeypatch):
 
 
 def test_changing_it_does_not_block_a_resume():
+    """Neither the cache nor scan-or-loop (the same stacked parameters, the same function) changes the run."""
     c = base.get_config()
-    blocking, safe = ckpt_lib.config_changes({"compile_cache_dir": ""}, {"compile_cache_dir": "none"})
-    assert blocking == [] and len(safe) == 1, (blocking, safe)
+    blocking, safe = ckpt_lib.config_changes({"compile_cache_dir": "", "model.dit.scan_layers": True, "seed": 1},
+                                             {"compile_cache_dir": "none", "model.dit.scan_layers": False, "seed": 2})
+    assert [b.split(":")[0] for b in blocking] == ["seed"], blocking
+    assert [x.split(":")[0] for x in safe] == ["compile_cache_dir", "model.dit.scan_layers"], safe
     assert "compile_cache_dir" in c, "the field the trainer reads is missing from the base config"
-
