@@ -122,9 +122,28 @@ def test_pod_launch(stubs):
     assert words[i + 2:i + 4] == ["--config", "configs/kontext_mllm.py:ban_prompt"]
     assert "--config.mesh.data=8" in words and "--config.mesh.fsdp=4" in words
     assert "--config.run_dir=gs://b/runs" in words
+    assert "--config.compile_cache_dir=gs://b/runs/xla_cache" in words  # jax writes from process 0 only: shared
     assert "nohup" in words and "FOO=bar" in words
     assert '--config.model.dir="$HOME"/edit_r1_data/model' in train  # expanded on the worker, not here
     assert '> "$HOME"/edit_r1_train.log 2>&1' in remote
+
+
+def _pod_train_words(stubs, *args):
+    [cmd] = commands(sh(stubs, POD, "launch", *TPU, "--config", "configs/kontext_mllm.py", "--dry-run", *args).stdout)
+    train = "nohup " + flag(cmd, "--command").split("nohup ", 1)[1]
+    return shlex.split(train.split(">")[0])
+
+
+def test_pod_launch_compile_cache(stubs):
+    """Only a bucket run dir brings a shared compile cache; an explicit field is passed once, unchanged; a local
+    run dir leaves the trainer's default (each worker's ~/.cache)."""
+    words = _pod_train_words(stubs, "--run-dir", "gs://b/runs/", "--", "--config.compile_cache_dir=gs://c/xla")
+    assert [w for w in words if w.startswith("--config.compile_cache_dir")] == ["--config.compile_cache_dir=gs://c/xla"]
+    words = _pod_train_words(stubs, "--run-dir", "gs://b/runs/")
+    assert [w for w in words if w.startswith("--config.compile_cache_dir")] == [
+        "--config.compile_cache_dir=gs://b/runs/xla_cache"]
+    words = _pod_train_words(stubs, "--run-dir", "/mnt/runs")
+    assert not [w for w in words if w.startswith("--config.compile_cache_dir")]
 
 
 def test_pod_logs(stubs):

@@ -68,3 +68,15 @@ def test_gs_run_dir_checkpoints_and_resumes(gcs_bucket, tmp_path, monkeypatch):
     assert steps == [ckpt_lib.step_name(1), ckpt_lib.step_name(2)]
     lines = [json.loads(x) for x in (root / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "optimizer_step" in x] == [1, 2]  # the first run's line kept, the second added
+
+
+def test_gs_compile_cache_is_reused_by_the_next_start(gcs_bucket):
+    """compile_cache_dir=gs://...: jax writes the compiled program to the bucket and a fresh process loads it."""
+    from etils import epath
+    from test_compile_cache import _start
+
+    first = _start(f"{gcs_bucket}/xla")
+    assert first["hits"] == 0 and first["misses"] >= 1, first
+    assert any(epath.Path(f"{gcs_bucket}/xla").iterdir()), "nothing was written to the bucket"
+    second = _start(f"{gcs_bucket}/xla")
+    assert second["hits"] >= 1 and second["misses"] == 0, second

@@ -189,6 +189,12 @@ launch)
     MODEL=${MODEL:-$STAGED/model} REWARD=${REWARD:-$STAGED/reward} DATA=${DATA:-$STAGED/data}
   fi
   build_train_args "$CONFIG" "$MODEL" "$REWARD" "$DATA" "$RUN_DIR" "${OVERRIDES[@]}"
+  # jax writes compiled programs from process 0 only: a bucket run dir also holds the compile cache, so every
+  # worker loads the train step after a preemption instead of compiling it (an explicit override wins)
+  if [[ $RUN_DIR == gs://* && " ${OVERRIDES[*]} " != *" --config.compile_cache_dir="* ]]; then
+    TRAIN_ARGS+=("--config.compile_cache_dir=${RUN_DIR%/}/xla_cache")
+    note "compile cache: ${RUN_DIR%/}/xla_cache (shared by the workers; --config.compile_cache_dir=... to change)"
+  fi
   envs=(PYTHONUNBUFFERED=1 EDIT_R1_DISTRIBUTED=auto)  # TPU VMs: jax finds the pod via the metadata server
   for e in "${ENVS[@]}"; do
     [[ $e =~ ^[A-Za-z_][A-Za-z0-9_]*=.*$ ]] || die "--env '$e': expected KEY=VALUE"
