@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-length", type=int, default=256,
                     help="Qwen-Image-Edit: prompt-embedding tokens after the template (longer is truncated)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    ap.add_argument("--compile-cache-dir", default="",
+                    help="compiled programs kept for the next start: a folder or bucket URL, 'none' = off; empty: "
+                         "JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/edit_r1_jax/xla")
     return ap
 
 
@@ -90,8 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lora is not None and not Path(args.lora).exists():
         return _fail(f"--lora {args.lora}: file or folder not found")
 
+    from edit_r1_jax import compile_cache
     from edit_r1_jax.pipeline import Editor
 
+    compile_cache.use(args.compile_cache_dir, "--compile-cache-dir")
     log.info("model %s: %s", args.model, family.name)
     try:
         editor = Editor.from_pretrained(args.model, lora=args.lora, t5_length=args.t5_length,

@@ -42,7 +42,8 @@ PINNED = ("bench", "data", "images", "language", "subset", "model", "lora", "jud
 DEFAULTS = dict(bench=None, data=None, images=None, model=None, lora=None, judge=None, out=None, language="en",
                 subset="fullset", prompts=None, judge_mode="generate", steps=28, guidance=2.5, resolution=512,
                 seed=0, batch_size=4, judge_batch_size=4, max_new_tokens=512, retry_temperature=0.7, t5_length=128,
-                judge_dtype="bfloat16", judge_mesh="data=-1", edit_mesh="data=-1", limit=None, no_progress=False)
+                judge_dtype="bfloat16", judge_mesh="data=-1", edit_mesh="data=-1", limit=None, no_progress=False,
+                compile_cache_dir="")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "does not fit one device")
     ap.add_argument("--limit", type=int, help="only the first N rows (smoke runs)")
     ap.add_argument("--no-progress", action="store_true", default=None)
+    ap.add_argument("--compile-cache-dir", help="compiled programs kept for the next start (a rerun resuming the "
+                                                "same --out): a folder or bucket URL, 'none' = off; default "
+                                                "JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/edit_r1_jax/xla")
     return ap
 
 
@@ -444,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     pr.NOT_OFFICIAL)
     for p in problems:
         log.warning("row not used: %s: %s", p.where, p.error)
+    from edit_r1_jax import compile_cache
+
+    compile_cache.use(opts["compile_cache_dir"], "--compile-cache-dir")
     done = {k: v for k, v in run.load_results().items() if v.get("status") in ("ok", "unparsed")}
     errors: dict[str, dict] = {}
     edit_rows(rows, run, opts, errors, edit_mesh)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from edit_r1_jax import checkpoint as ckpt_lib
+from edit_r1_jax import compile_cache
 from edit_r1_jax import config as config_lib
 from edit_r1_jax import editors, engine, runpath, tasks, weights
 from edit_r1_jax import metrics as metrics_lib
@@ -76,7 +77,7 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
     (``format_summary`` reads the rest). A run whose checkpoints already hold ``num_epochs`` returns
     {"finished_before": message, ...} without writing anything."""
     t_start = time.perf_counter()
-    use_compile_cache(c)
+    compile_cache.use(c.compile_cache_dir)
     distributed.initialize(c.distributed.coordinator, c.distributed.num_processes, c.distributed.process_id)
     mesh = mesh_lib.make_mesh(dict(c.mesh))
     sizes = config_lib.validate(c, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
@@ -249,39 +250,6 @@ def _accumulate(totals: dict[str, float], metrics: dict[str, Any]) -> None:
     for k, v in metrics.items():
         if k.startswith("time/"):
             totals[k[len("time/"):]] = totals.get(k[len("time/"):], 0.0) + float(v)
-
-
-def compile_cache_dir(setting: str) -> str | None:
-    """Where compiled programs persist, from ``config.compile_cache_dir``: "none" -> None (off); "" -> jax's own
-    setting if there is one (JAX_COMPILATION_CACHE_DIR, or an earlier ``jax.config.update``), else
-    $XDG_CACHE_HOME/edit_r1_jax/xla (~/.cache/...); anything else as given (a bucket URL, or a folder, made
-    absolute)."""
-    s = str(setting).strip()
-    if s.lower() == "none":
-        return None
-    if s:
-        return s if "://" in s else os.path.abspath(os.path.expanduser(s))
-    if jax.config.jax_compilation_cache_dir:
-        return str(jax.config.jax_compilation_cache_dir)
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache_home, "edit_r1_jax", "xla")
-
-
-def use_compile_cache(c) -> str | None:
-    """Turn jax's persistent compilation cache on (or off) per ``config.compile_cache_dir``, before the first
-    compile: a restart, a preemption or the next run of the same config loads the train step, the rollout and
-    the reward instead of compiling them again (jax keys each program by its HLO, the compile options, the
-    backend and the jax version, so a stale entry is never reused)."""
-    path = compile_cache_dir(c.compile_cache_dir)
-    if path is None:
-        jax.config.update("jax_enable_compilation_cache", False)
-        log.info("compile cache: off (compile_cache_dir=none): every start compiles again")
-        return None
-    jax.config.update("jax_compilation_cache_dir", path)
-    log.info("compile cache: %s (programs that compile in %.1f s or more are kept for the next start; "
-             "--config.compile_cache_dir=none turns it off)", path,
-             jax.config.jax_persistent_cache_min_compile_time_secs)
-    return path
 
 
 def plan_line(c, mesh, done_before: int) -> str:

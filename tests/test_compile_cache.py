@@ -1,5 +1,5 @@
-"""config.compile_cache_dir: where the trainer keeps compiled programs between starts, and that a second start
-really loads them instead of compiling again."""
+"""edit_r1_jax.compile_cache (train's config.compile_cache_dir, edit's and evaluate's --compile-cache-dir): where
+compiled programs are kept between starts, and that a second start really loads them instead of compiling again."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import jax
 
 from configs import base
 from edit_r1_jax import checkpoint as ckpt_lib
-from edit_r1_jax import train
+from edit_r1_jax import compile_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,11 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # misses jax reports (its own monitoring events, not ours).
 _START = """
 import json, sys, jax
-from ml_collections import ConfigDict
-from edit_r1_jax import train
+from edit_r1_jax import compile_cache
 events = []
 jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
-train.use_compile_cache(ConfigDict(dict(compile_cache_dir=sys.argv[1])))
+compile_cache.use(sys.argv[1])
 jax.jit(lambda x: (x @ x.T).sum() + 1)(jax.numpy.ones((8, 8))).block_until_ready()
 print(json.dumps({"hits": events.count("/jax/compilation_cache/cache_hits"),
                   "misses": events.count("/jax/compilation_cache/cache_misses")}))
@@ -58,22 +57,22 @@ def test_none_turns_the_cache_off_even_when_jax_has_one(tmp_path):
 
 
 def test_where_the_cache_goes(tmp_path, monkeypatch):
-    assert train.compile_cache_dir("none") is None and train.compile_cache_dir(" None ") is None
-    assert train.compile_cache_dir("gs://bucket/xla") == "gs://bucket/xla"  # bucket URLs untouched
+    assert compile_cache.resolve("none") is None and compile_cache.resolve(" None ") is None
+    assert compile_cache.resolve("gs://bucket/xla") == "gs://bucket/xla"  # bucket URLs untouched
     monkeypatch.chdir(tmp_path)
-    assert train.compile_cache_dir("rel/xla") == str(tmp_path / "rel" / "xla")
+    assert compile_cache.resolve("rel/xla") == str(tmp_path / "rel" / "xla")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert train.compile_cache_dir("~/c") == str(tmp_path / "home" / "c")
+    assert compile_cache.resolve("~/c") == str(tmp_path / "home" / "c")
     # "": jax's own setting wins (the test session set one in conftest) ...
-    assert train.compile_cache_dir("") == jax.config.jax_compilation_cache_dir
+    assert compile_cache.resolve("") == jax.config.jax_compilation_cache_dir
     # ... and without one, the user's cache folder
     previous = jax.config.jax_compilation_cache_dir
     try:
         jax.config.update("jax_compilation_cache_dir", None)
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-        assert train.compile_cache_dir("") == str(tmp_path / "xdg" / "edit_r1_jax" / "xla")
+        assert compile_cache.resolve("") == str(tmp_path / "xdg" / "edit_r1_jax" / "xla")
         monkeypatch.delenv("XDG_CACHE_HOME")
-        assert train.compile_cache_dir("") == str(tmp_path / "home" / ".cache" / "edit_r1_jax" / "xla")
+        assert compile_cache.resolve("") == str(tmp_path / "home" / ".cache" / "edit_r1_jax" / "xla")
     finally:
         jax.config.update("jax_compilation_cache_dir", previous)
 

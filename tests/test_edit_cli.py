@@ -136,7 +136,11 @@ def test_cli_refusals(tmp_path, capsys, case, expect):
     assert not out.exists()
 
 
-def test_cli_edits_rgba_and_16bit(tmp_path, model_dir):
+def test_cli_edits_rgba_and_16bit(tmp_path, model_dir, monkeypatch):
+    from edit_r1_jax import compile_cache
+
+    asked = []  # the flag reaches the cache set-up (tests/test_compile_cache.py checks the set-up itself)
+    monkeypatch.setattr(compile_cache, "use", lambda setting, flag: asked.append((setting, flag)))
     rgba = np.zeros((40, 30, 4), np.uint8)
     rgba[..., 1] = 180
     rgba[..., 3] = 128
@@ -145,12 +149,14 @@ def test_cli_edits_rgba_and_16bit(tmp_path, model_dir):
     outs = []
     for name, seed in (("rgba.png", 0), ("g16.png", 1)):  # each run compiles anew: keep it to two
         out = tmp_path / "out" / f"seed{seed}_{name}"
-        assert _run(model_dir, tmp_path / name, out, extra=("--seed", str(seed))) == 0
+        assert _run(model_dir, tmp_path / name, out, extra=("--seed", str(seed), "--compile-cache-dir",
+                                                            str(tmp_path / f"xla{seed}"))) == 0
         img = Image.open(out)
         assert img.size == (RESOLUTION, RESOLUTION) and img.mode == "RGB"
         outs.append(np.asarray(img))
     assert not np.array_equal(outs[0], outs[1])
     assert outs[0].std() > 1.0  # not a constant image
+    assert asked == [(str(tmp_path / f"xla{s}"), "--compile-cache-dir") for s in (0, 1)]
 
 
 def test_cli_bad_model_dir(tmp_path, capsys):

@@ -40,7 +40,11 @@ def setup(tmp_path_factory):
     return root, kontext, judge, data
 
 
-def test_tiny_run_resume_and_outputs(setup, tmp_path, capsys):
+def test_tiny_run_resume_and_outputs(setup, tmp_path, capsys, monkeypatch):
+    from edit_r1_jax import compile_cache
+
+    asked = []  # the option reaches the cache set-up (tests/test_compile_cache.py checks the set-up itself)
+    monkeypatch.setattr(compile_cache, "use", lambda setting, flag: asked.append((setting, flag)))
     root, kontext, judge, data = setup
     out = tmp_path / "run"
     argv = ["--bench", "gedit", "--data", str(data), "--model", str(kontext), "--judge", str(judge),
@@ -48,7 +52,8 @@ def test_tiny_run_resume_and_outputs(setup, tmp_path, capsys):
             "--max-new-tokens", "6", "--judge-batch-size", "2", "--judge-dtype", "float32", "--batch-size", "2",
             "--judge-mode", "logits"]
     # half-finished: only the first row
-    assert ev.main(argv + ["--limit", "1"]) == 0
+    assert ev.main(argv + ["--limit", "1", "--compile-cache-dir", "none"]) == 0
+    assert asked == [("none", "--compile-cache-dir")]
     first = out / "images" / "r1.png"
     assert first.exists() and not (out / "images" / "r2.png").exists()
     mtime = first.stat().st_mtime_ns

@@ -9,7 +9,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import toy
-from edit_r1_jax import train, weights
+from edit_r1_jax import compile_cache, train, weights
 from edit_r1_jax.models import lora as lora_lib
 from edit_r1_jax.rewards import registry
 
@@ -136,8 +136,13 @@ def test_nan_reward_stops_the_run_naming_the_sample(tmp_path):
     # With on_error="mask" the sample is dropped from the loss and counted instead.
     c.reward.on_error = "mask"
     c.run_dir = str(tmp_path / "masked")
-    out = train.run(c, max_epochs=1)
+    c.compile_cache_dir = str(tmp_path / "xla")
+    asked = []  # the field reaches the cache set-up (tests/test_compile_cache.py checks the set-up itself)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compile_cache, "use", lambda setting: asked.append(setting))
+        out = train.run(c, max_epochs=1)
     assert out["last"]["invalid_rewards"] == 4  # sample 3 of each of the 4 rollout calls (16 samples, 4 per call)
+    assert asked == [str(tmp_path / "xla")]
 
 
 # Wall times of whole `python -m edit_r1_jax.train` runs in fresh clones on the build machine (2 idle cores,
