@@ -7,7 +7,16 @@ scaled_dot_product_attention, all in the same process, interleaved round by roun
 a jitted 2048^2 float32 matmul as the CPU peak:
     python bench/attention.py [--repeats 5] [--cases small,large] [--blocks 256x512,128x256]
 
-Cases: "small" = 8 heads x 64 over 2176 tokens (one block of bench/dit.py), "large" = 24 heads x 128 over
+``matmul_chain`` (per case): the kernel's matmuls without its softmax, at its default (head-by-head) block sizes:
+per (batch, head) and block pair, forward s = q_i k_j^T, o_i += s v_j; forward+backward adds the backward's five
+(s recomputed, dv_j += s^T do_i, dp = do_i v_j^T, dq_i += dp k_j, dk_j += dp^T q_i; dp stands in for ds). Run
+once as one jitted program of the same loop structure (XLA:CPU's dot kernels) and once as torch.mm calls in a
+python loop (torch's BLAS), in the same rounds. ``kernel_fraction_of_chain`` = chain time / kernel time: how close
+the kernel runs to its own matmuls; ``torch_mm_over_xla`` = XLA chain time / torch chain time: how much faster the
+same matmuls are with torch's BLAS on this CPU (the part of the gap to torch's SDPA no XLA-side kernel can close).
+
+Cases: "small" = 8 heads x 64 over 2176 tokens (the issue's first measurement), "dit" = 4 heads x 128 over the
+same 2176 tokens (one block of bench/dit.py and bench/qwen_image_dit.py), "large" = 24 heads x 128 over
 4096 + 512 tokens (FLUX.1-Kontext at 512^2). Model FLOPs (2 per multiply-add, matmuls only): forward
 4 * B * H * Lq * Lk * D; forward+backward 3x that (dQ, dK, dV, dP double the forward; the flash backward's
 recomputation of the logits is not counted). `--blocks` adds flash_loop with other (block_q x block_k) sizes.
@@ -30,7 +39,7 @@ from machine import machine_info  # noqa: E402
 
 START_LOAD = os.getloadavg()
 
-CASES = {"small": (1, 2176, 8, 64), "large": (1, 4608, 24, 128)}
+CASES = {"small": (1, 2176, 8, 64), "dit": (1, 2176, 4, 128), "large": (1, 4608, 24, 128)}
 
 
 def _rounds(fns: dict, repeats: int) -> dict:
@@ -58,7 +67,7 @@ def main(argv=None):
     import numpy as np
     import torch
 
-    from edit_r1_jax.models.attention import BATCHED_BLOCKS, LOOP_BLOCKS, flash_attention
+    from edit_r1_jax.models.attention import BATCHED_BLOCKS, LOOP_BLOCKS, _block_size, flash_attention
 
     mm = jax.jit(lambda a: a @ a)
     a = jnp.ones((2048, 2048), jnp.float32)
@@ -74,7 +83,7 @@ def main(argv=None):
         impls[f"flash_loop_{bq}x{bk}"] = lambda q, k, v, bq=bq, bk=bk: flash_attention(
             q, k, v, block_q=bq, block_k=bk, head_loop=True)
 
-    results = []
+    results, chains = [], []
     for case in args.cases.split(","):
         B, L, H, D = CASES[case]
         ks = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -108,11 +117,105 @@ def main(argv=None):
                             "fraction_of_matmul_peak": round(gflops / peak_gflops, 3)})
         summary = ", ".join(f"{k_} {t:.3f}s" for k_, t in times.items())
         print(f"case {case} [B,L,H,D]={[B, L, H, D]}: {summary}", file=sys.stderr, flush=True)
+        loop_name = "flash_loop_{}x{}".format(*LOOP_BLOCKS)
+        chains.append({"case": case, **_matmul_chain(B, L, H, D, LOOP_BLOCKS, _block_size, args.repeats,
+                                                        times[f"{loop_name}/fwd"], times[f"{loop_name}/fwd+bwd"])})
+        print(f"case {case} matmul chain: {json.dumps(chains[-1])}", file=sys.stderr, flush=True)
 
     print(json.dumps({
         "machine": machine_info(START_LOAD),
         "matmul_peak": {"seconds": round(peak, 4), "gflops": round(peak_gflops, 1)},
-        "repeats": args.repeats, "results": results}, indent=1))
+        "repeats": args.repeats, "results": results, "matmul_chain": chains}, indent=1))
+
+
+def xla_matmul_chain(q, k, v, do, bq: int, bk: int, backward: bool):
+    """The kernel's matmuls without the softmax (module docstring), per head of q/k/v/do ``[heads, L, D]`` (lengths
+    multiples of the blocks), in the kernel's loop structure: lax.map over heads, one fori_loop over block pairs.
+    Returns (o, dq, dk, dv) = (q k^T) v, (do v^T) k, (do v^T)^T q, (q k^T)^T do (the last three zero without
+    ``backward``)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    nq, nk = q.shape[1] // bq, k.shape[1] // bk
+
+    def head(args):
+        q, k, v, do = args
+
+        def pair(t, c):
+            o, dq, dk, dv = c
+            i, j = t // nk, t % nk
+            qi, doi = lax.dynamic_slice_in_dim(q, i * bq, bq), lax.dynamic_slice_in_dim(do, i * bq, bq)
+            kj, vj = lax.dynamic_slice_in_dim(k, j * bk, bk), lax.dynamic_slice_in_dim(v, j * bk, bk)
+
+            def add(x, y, start, size):
+                return lax.dynamic_update_slice_in_dim(x, lax.dynamic_slice_in_dim(x, start, size) + y, start, 0)
+
+            o = add(o, jnp.einsum("qd,kd->qk", qi, kj) @ vj, i * bq, bq)
+            if backward:
+                s = jnp.einsum("qd,kd->qk", qi, kj)  # the recomputation
+                dp = jnp.einsum("qd,kd->qk", doi, vj)
+                dq = add(dq, dp @ kj, i * bq, bq)
+                dv = add(dv, jnp.einsum("qk,qd->kd", s, doi), j * bk, bk)
+                dk = add(dk, jnp.einsum("qk,qd->kd", dp, qi), j * bk, bk)
+            return o, dq, dk, dv
+
+        zq, zk = jnp.zeros_like(q), jnp.zeros_like(k)
+        return lax.fori_loop(0, nq * nk, pair, (zq, zq, zk, zk))
+
+    return lax.map(head, (q, k, v, do))
+
+
+def torch_matmul_chain(q, k, v, do, bq: int, bk: int, backward: bool):
+    """The same matmuls as xla_matmul_chain, as torch.mm calls in a python loop (torch tensors in, same outputs)."""
+    import torch
+
+    heads, nq, nk = q.shape[0], q.shape[1] // bq, k.shape[1] // bk
+    with torch.no_grad():
+        o, dq, dk, dv = (torch.zeros_like(x) for x in (q, q, k, k))
+        for h in range(heads):
+            for i in range(nq):
+                qs = slice(i * bq, (i + 1) * bq)
+                qi, doi = q[h, qs], do[h, qs]
+                for j in range(nk):
+                    ks = slice(j * bk, (j + 1) * bk)
+                    kj, vj = k[h, ks], v[h, ks]
+                    o[h, qs] += (qi @ kj.T) @ vj
+                    if backward:
+                        s = qi @ kj.T
+                        dp = doi @ vj.T
+                        dq[h, qs] += dp @ kj
+                        dv[h, ks] += s.T @ doi
+                        dk[h, ks] += dp.T @ qi
+    return o, dq, dk, dv
+
+
+def _matmul_chain(B, L, H, D, blocks, block_size, repeats, kernel_fwd_s, kernel_fwd_bwd_s):
+    """Times the kernel's matmuls alone (module docstring) at its block sizes; self-attention with one query head
+    per kv head (the CASES), so a block holds block_q query rows."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    bq, lqp = block_size(L, blocks[0])
+    bk, lkp = block_size(L, blocks[1])
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((B * H, n, D)).astype(np.float32) / 8 for n in (lqp, lkp, lkp, lqp)]
+    ja = [jnp.asarray(x) for x in arrays]
+    ta = [torch.from_numpy(x) for x in arrays]
+    jf = jax.jit(lambda *a: xla_matmul_chain(*a, bq, bk, False))
+    jb = jax.jit(lambda *a: xla_matmul_chain(*a, bq, bk, True))
+    times = _rounds({"xla/fwd": lambda: jax.block_until_ready(jf(*ja)),
+                     "xla/fwd+bwd": lambda: jax.block_until_ready(jb(*ja)),
+                     "torch/fwd": lambda: torch_matmul_chain(*ta, bq, bk, False),
+                     "torch/fwd+bwd": lambda: torch_matmul_chain(*ta, bq, bk, True)}, repeats)
+    flops = 2 * bq * bk * D * B * H * (lqp // bq) * (lkp // bk)  # one matmul over every block pair
+    out = {"block_q": bq, "block_k": bk, "seconds": {k_: round(t, 4) for k_, t in times.items()},
+           "gflops": {k_: round(flops * (2 if k_.endswith("/fwd") else 7) / t / 1e9, 1) for k_, t in times.items()}}
+    out["kernel_fraction_of_chain"] = {"fwd": round(times["xla/fwd"] / kernel_fwd_s, 3),
+                                       "fwd+bwd": round(times["xla/fwd+bwd"] / kernel_fwd_bwd_s, 3)}
+    out["torch_mm_over_xla"] = {m: round(times[f"xla/{m}"] / times[f"torch/{m}"], 2) for m in ("fwd", "fwd+bwd")}
+    return out
 
 
 if __name__ == "__main__":

@@ -21,3 +21,33 @@ def test_compile_bench_smoke():
     for case, modes in out["cases"].items():
         r = modes["scan"]
         assert r["compile_s"] > 0 and r["stablehlo_lines"] > 100, (case, r)
+
+
+def test_attention_bench_matmul_chain_does_the_kernels_matmuls():
+    """bench/attention.py's matmul chain (the kernel's matmuls without its softmax, XLA and torch sides) computes
+    what it claims, over several block pairs: o = (q k^T) v, dq = (do v^T) k, dk = (do v^T)^T q,
+    dv = (q k^T)^T do; the forward-only chain leaves the gradients zero. float32 against a float64 numpy
+    reference; 1e-4 of the largest value covers float32 sums over 64 keys at either matmul precision."""
+    import importlib.util
+
+    import jax
+    import numpy as np
+    import torch
+
+    spec = importlib.util.spec_from_file_location("attention_bench", ROOT / "bench" / "attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    q, k, v, do = (rng.standard_normal((3, n, 8)).astype(np.float32) for n in (48, 64, 64, 48))
+    s, dp = np.einsum("hqd,hkd->hqk", q, k, dtype=np.float64), np.einsum("hqd,hkd->hqk", do, v, dtype=np.float64)
+    want = (s @ v, dp @ k, np.swapaxes(dp, 1, 2) @ q, np.swapaxes(s, 1, 2) @ do)
+    with jax.default_matmul_precision("highest"):
+        xla = jax.jit(lambda *a: bench.xla_matmul_chain(*a, 16, 32, True))(q, k, v, do)
+        xla_fwd = jax.jit(lambda *a: bench.xla_matmul_chain(*a, 16, 32, False))(q, k, v, do)
+    ours = bench.torch_matmul_chain(*(torch.from_numpy(x) for x in (q, k, v, do)), 16, 32, True)
+    for name, got_x, got_t, w in zip(("o", "dq", "dk", "dv"), xla, ours, want):
+        tol = 1e-4 * np.abs(w).max()
+        assert np.abs(np.asarray(got_x) - w).max() <= tol, name
+        assert np.abs(got_t.numpy() - w).max() <= tol, name
+    np.testing.assert_allclose(np.asarray(xla_fwd[0]), want[0], rtol=0, atol=1e-4 * np.abs(want[0]).max())
+    assert all(not np.asarray(x).any() for x in xla_fwd[1:])
