@@ -43,14 +43,18 @@ CASES = {"small": (1, 2176, 8, 64), "dit": (1, 2176, 4, 128), "large": (1, 4608,
 
 
 def _rounds(fns: dict, repeats: int) -> dict:
-    """Median wall time of each callable, calling them in turn each round so load changes hit all alike."""
+    """Median wall time of each callable, calling them in turn each round so load changes hit all alike. Each
+    round starts one callable later: on this CPU the same program timed 15-35% slower in some positions of a fixed
+    order (the one after XLA's full-logits attention, or the second of two block sizes), so no entry keeps one
+    position."""
     for f in fns.values():
         f()  # warm-up / compile
-    times = {n: [] for n in fns}
-    for _ in range(repeats):
-        for n, f in fns.items():
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
             t = time.perf_counter()
-            f()
+            fns[n]()
             times[n].append(time.perf_counter() - t)
     return {n: statistics.median(t) for n, t in times.items()}
 
