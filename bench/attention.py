@@ -43,16 +43,18 @@ CASES = {"small": (1, 2176, 8, 64), "dit": (1, 2176, 4, 128), "large": (1, 4608,
 
 
 def _rounds(fns: dict, repeats: int) -> dict:
-    """Median wall time of each callable, calling them in turn each round so load changes hit all alike. Each
-    round starts one callable later: on this CPU the same program timed 15-35% slower in some positions of a fixed
-    order (the one after XLA's full-logits attention, or the second of two block sizes), so no entry keeps one
-    position."""
+    """Median wall time of each callable, calling each once per round in a new (seeded) random order, so load
+    changes hit all alike and none always runs after the same neighbour: on this CPU a program ran 15-35% slower
+    after some others (e.g. after XLA's full-logits attention) in a fixed order."""
+    import random
+
     for f in fns.values():
         f()  # warm-up / compile
     names = list(fns)
+    order = random.Random(0)
     times = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+    for _ in range(repeats):
+        for n in order.sample(names, len(names)):
             t = time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t)

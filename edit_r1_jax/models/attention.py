@@ -218,15 +218,15 @@ def _block_size(length: int, block: int, multiple: int = 8) -> tuple[int, int]:
 
 
 # Block sizes (block_q x block_k), per way of mapping the kernel over heads. Head by head ("loop", the CPU
-# default): chosen on XLA:CPU (2 cores). First 640x1152 (beside 256x512, 384/512x1152, 512x768, 512/1088x2176,
-# 1088x1088 and 768x1536); re-tuned with the query block larger than the key block, interleaved in one process:
-# 1152x576 (1088x544 at 2176 tokens) against 640x1152 (544x1088 there) took 0.112-0.120 s against 0.121-0.139 s
-# forward and 0.366-0.417 s against 0.418-0.476 s forward+backward (8 heads x 64 and 4 x 128 over 2176 tokens),
-# and 2.74 / 9.80 s against 2.99 / 10.14 s at 24 x 128 over 4608; 1088x1088, 2176x544/1088 and 1088x2176 were
-# between the two or slower backward. Batched over heads ("vmap"): 256x512 was fastest on the same CPU before the
-# head loop; on accelerators this path is only the fallback (module docstring). Re-tune with
-# bench/attention.py --blocks.
-LOOP_BLOCKS = (1152, 576)
+# default): chosen on XLA:CPU (2 cores; 8 heads x 64 over 2176 tokens and 24 x 128 over 4608) beside 256x512,
+# 384/512x1152, 512x768, 512/1088x2176, 1088x1088 and 768x1536: 640x1152 (blocks of 544x1088 at 2176 tokens) was
+# fastest or tied; smaller blocks fall below the size at which XLA runs a matmul on both cores. The transposed
+# shape, 1152x576 (1088x544), tied with it when each round of one process ran both in a new order (forward 0.120
+# vs 0.121 s, 0.144 vs 0.146 s; forward+backward 0.483 vs 0.449 s, 0.492 vs 0.499 s; 8 x 64 and 4 x 128 over 2176
+# tokens); runs in a fixed order favour whichever runs first, so kept 640x1152. Batched over heads ("vmap"): 256x512
+# was fastest on the same CPU before the head loop; on accelerators this path is only the fallback (module
+# docstring). Re-tune with bench/attention.py --blocks.
+LOOP_BLOCKS = (640, 1152)
 BATCHED_BLOCKS = (256, 512)
 
 
