@@ -221,7 +221,7 @@ def _block_size(length: int, block: int, multiple: int = 8) -> tuple[int, int]:
 # default): chosen on XLA:CPU (2 cores; 8 heads x 64 over 2176 tokens and 24 x 128 over 4608) beside 256x512,
 # 384/512x1152, 512x768, 512/1088x2176, 1088x1088 and 768x1536: 640x1152 (blocks of 544x1088 at 2176 tokens) was
 # fastest or tied; smaller blocks fall below the size at which XLA runs a matmul on both cores. The transposed
-# shape, 1152x576 (1088x544), tied with it when each round of one process ran both in a new order (forward 0.120
+# shape, 1152x576 (1088x544), tied with it when each round of one process ran both in a rotated order (forward 0.120
 # vs 0.121 s, 0.144 vs 0.146 s; forward+backward 0.483 vs 0.449 s, 0.492 vs 0.499 s; 8 x 64 and 4 x 128 over 2176
 # tokens); runs in a fixed order favour whichever runs first, so kept 640x1152. Batched over heads ("vmap"): 256x512
 # was fastest on the same CPU before the head loop; on accelerators this path is only the fallback (module
