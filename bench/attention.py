@@ -136,37 +136,42 @@ def main(argv=None):
 
 def xla_matmul_chain(q, k, v, do, bq: int, bk: int, backward: bool):
     """The kernel's matmuls without the softmax (module docstring), per head of q/k/v/do ``[heads, L, D]`` (lengths
-    multiples of the blocks), in the kernel's loop structure: lax.map over heads, one fori_loop over block pairs.
-    Returns (o, dq, dk, dv) = (q k^T) v, (do v^T) k, (do v^T)^T q, (q k^T)^T do (the last three zero without
-    ``backward``)."""
+    multiples of the blocks), in the kernel's loop structure: lax.map over heads, a fori_loop over block pairs for
+    the forward and another for the backward (as separate loops, XLA cannot merge the recomputed logits with the
+    forward's). Returns (o, dq, dk, dv) = (q k^T) v, (do v^T) k, (do v^T)^T q, (q k^T)^T do (the last three zero
+    without ``backward``)."""
     import jax.numpy as jnp
     from jax import lax
 
     nq, nk = q.shape[1] // bq, k.shape[1] // bk
 
+    def add(x, y, start, size):
+        return lax.dynamic_update_slice_in_dim(x, lax.dynamic_slice_in_dim(x, start, size) + y, start, 0)
+
     def head(args):
         q, k, v, do = args
 
-        def pair(t, c):
-            o, dq, dk, dv = c
+        def blocks(t):
             i, j = t // nk, t % nk
-            qi, doi = lax.dynamic_slice_in_dim(q, i * bq, bq), lax.dynamic_slice_in_dim(do, i * bq, bq)
-            kj, vj = lax.dynamic_slice_in_dim(k, j * bk, bk), lax.dynamic_slice_in_dim(v, j * bk, bk)
+            return (i, j, lax.dynamic_slice_in_dim(q, i * bq, bq), lax.dynamic_slice_in_dim(do, i * bq, bq),
+                    lax.dynamic_slice_in_dim(k, j * bk, bk), lax.dynamic_slice_in_dim(v, j * bk, bk))
 
-            def add(x, y, start, size):
-                return lax.dynamic_update_slice_in_dim(x, lax.dynamic_slice_in_dim(x, start, size) + y, start, 0)
+        def forward(t, o):
+            i, _, qi, _, kj, vj = blocks(t)
+            return add(o, jnp.einsum("qd,kd->qk", qi, kj) @ vj, i * bq, bq)
 
-            o = add(o, jnp.einsum("qd,kd->qk", qi, kj) @ vj, i * bq, bq)
-            if backward:
-                s = jnp.einsum("qd,kd->qk", qi, kj)  # the recomputation
-                dp = jnp.einsum("qd,kd->qk", doi, vj)
-                dq = add(dq, dp @ kj, i * bq, bq)
-                dv = add(dv, jnp.einsum("qk,qd->kd", s, doi), j * bk, bk)
-                dk = add(dk, jnp.einsum("qk,qd->kd", dp, qi), j * bk, bk)
-            return o, dq, dk, dv
+        def backward_pair(t, c):
+            dq, dk, dv = c
+            i, j, qi, doi, kj, vj = blocks(t)
+            s = jnp.einsum("qd,kd->qk", qi, kj)  # the recomputation
+            dp = jnp.einsum("qd,kd->qk", doi, vj)
+            return (add(dq, dp @ kj, i * bq, bq), add(dk, jnp.einsum("qk,qd->kd", dp, qi), j * bk, bk),
+                    add(dv, jnp.einsum("qk,qd->kd", s, doi), j * bk, bk))
 
         zq, zk = jnp.zeros_like(q), jnp.zeros_like(k)
-        return lax.fori_loop(0, nq * nk, pair, (zq, zq, zk, zk))
+        o = lax.fori_loop(0, nq * nk, forward, zq)
+        grads = lax.fori_loop(0, nq * nk, backward_pair, (zq, zk, zk)) if backward else (zq, zk, zk)
+        return (o, *grads)
 
     return lax.map(head, (q, k, v, do))
 

@@ -4,6 +4,7 @@ or added argument there broke the full-size benchmark once without any test noti
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,7 @@ def test_attention_bench_matmul_chain_does_the_kernels_matmuls():
         assert np.abs(got_t.numpy() - w).max() <= tol, name
     np.testing.assert_allclose(np.asarray(xla_fwd[0]), want[0], rtol=0, atol=1e-4 * np.abs(want[0]).max())
     assert all(not np.asarray(x).any() for x in xla_fwd[1:])
+    # Seven matmuls per block pair survive compilation: the backward's recomputed logits are not merged with the
+    # forward's (an earlier version had both in one loop body and XLA computed them once).
+    hlo = jax.jit(lambda *a: bench.xla_matmul_chain(*a, 16, 32, True)).lower(q, k, v, do).compile().as_text()
+    assert len(re.findall(r"\bdot\(", hlo)) == 7, re.findall(r".*\bdot\(.*", hlo)
