@@ -44,8 +44,8 @@ CASES = {"small": (1, 2176, 8, 64), "dit": (1, 2176, 4, 128), "large": (1, 4608,
 
 def _rounds(fns: dict, repeats: int) -> dict:
     """Median wall time of each callable, calling each once per round in a new (seeded) random order, so load
-    changes hit all alike and none always runs after the same neighbour: on this CPU a program ran 15-35% slower
-    after some others (e.g. after XLA's full-logits attention) in a fixed order."""
+    changes hit all alike and none always runs after the same neighbour: in a fixed order, three copies of one
+    program timed 0.146 / 0.157 / 0.168 s on this CPU, and of two block sizes the one timed first looked faster."""
     import random
 
     for f in fns.values():
@@ -73,7 +73,7 @@ def main(argv=None):
     import numpy as np
     import torch
 
-    from edit_r1_jax.models.attention import BATCHED_BLOCKS, LOOP_BLOCKS, _block_size, flash_attention
+    from edit_r1_jax.models.attention import BATCHED_BLOCKS, LOOP_BLOCKS, flash_attention
 
     mm = jax.jit(lambda a: a @ a)
     a = jnp.ones((2048, 2048), jnp.float32)
@@ -124,8 +124,8 @@ def main(argv=None):
         summary = ", ".join(f"{k_} {t:.3f}s" for k_, t in times.items())
         print(f"case {case} [B,L,H,D]={[B, L, H, D]}: {summary}", file=sys.stderr, flush=True)
         loop_name = "flash_loop_{}x{}".format(*LOOP_BLOCKS)
-        chains.append({"case": case, **_matmul_chain(B, L, H, D, LOOP_BLOCKS, _block_size, args.repeats,
-                                                        times[f"{loop_name}/fwd"], times[f"{loop_name}/fwd+bwd"])})
+        chains.append({"case": case, **_matmul_chain(B, L, H, D, args.repeats, times[f"{loop_name}/fwd"],
+                                                        times[f"{loop_name}/fwd+bwd"])})
         print(f"case {case} matmul chain: {json.dumps(chains[-1])}", file=sys.stderr, flush=True)
 
     print(json.dumps({
@@ -200,16 +200,18 @@ def torch_matmul_chain(q, k, v, do, bq: int, bk: int, backward: bool):
     return o, dq, dk, dv
 
 
-def _matmul_chain(B, L, H, D, blocks, block_size, repeats, kernel_fwd_s, kernel_fwd_bwd_s):
-    """Times the kernel's matmuls alone (module docstring) at its block sizes; self-attention with one query head
-    per kv head (the CASES), so a block holds block_q query rows."""
+def _matmul_chain(B, L, H, D, repeats, kernel_fwd_s, kernel_fwd_bwd_s):
+    """Times the kernel's matmuls alone (module docstring) at its default head-loop block sizes; self-attention
+    with one query head per kv head (the CASES), so a block holds block_q query rows."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
 
-    bq, lqp = block_size(L, blocks[0])
-    bk, lkp = block_size(L, blocks[1])
+    from edit_r1_jax.models.attention import LOOP_BLOCKS, _block_size
+
+    bq, lqp = _block_size(L, LOOP_BLOCKS[0])
+    bk, lkp = _block_size(L, LOOP_BLOCKS[1])
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal((B * H, n, D)).astype(np.float32) / 8 for n in (lqp, lkp, lkp, lqp)]
     ja = [jnp.asarray(x) for x in arrays]
