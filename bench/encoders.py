@@ -1,6 +1,6 @@
 """Throughput of our VAE encode/decode and text encoders vs diffusers / transformers on the same CPU config.
 
-    python bench/encoders.py [--preset small|flux] [--iters 3] [--out FILE]
+    python bench/encoders.py [--preset small|flux] [--iters 5] [--out FILE]
 
 ``small`` (default, fits a 2-core CPU in ~2 min): FLUX VAE architecture (128/256/512/512, 16 latent ch) at
 128x128, CLIP-L text (12 layers, 768) at 77 tokens, a T5 v1.1-base-sized encoder (12 layers, d_model 768, gated
@@ -15,16 +15,21 @@ import argparse
 import json
 import os
 import platform
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+START_LOAD = os.getloadavg()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
+from machine import machine_info  # noqa: E402
 
 PRESETS = {
     "small": dict(vae_res=128, t5=dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12), batch=2),
@@ -32,18 +37,24 @@ PRESETS = {
 }
 
 
-def _time(fn, iters: int) -> float:
-    fn()  # warm-up / compile
-    t = time.perf_counter()
+def _pair(ours, ref, iters: int) -> tuple[float, float]:
+    """(ours, reference) median wall time: both warmed up, then called once per round in a random (seeded)
+    order, so a load change hits both sides alike."""
+    ours(), ref()  # warm-up / compile
+    times = ([], [])
+    order = random.Random(0)
     for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t) / iters
+        for i in order.sample((0, 1), 2):
+            t = time.perf_counter()
+            (ours, ref)[i]()
+            times[i].append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -78,10 +89,10 @@ def main(argv=None) -> int:
     x = np.random.default_rng(0).uniform(-1, 1, (b, res, res, 3)).astype(np.float32)
     z = np.random.default_rng(1).standard_normal((b, res // 8, res // 8, 16)).astype(np.float32)
     xt, zt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(z.transpose(0, 3, 1, 2).copy())
-    row("vae_encode", [b, res, res, 3], _time(lambda: enc(st, x).block_until_ready(), args.iters),
-        _time(lambda: tv.encode(xt).latent_dist.mean, args.iters), b)
-    row("vae_decode", [b, res // 8, res // 8, 16], _time(lambda: dec(st, z).block_until_ready(), args.iters),
-        _time(lambda: tv.decode(zt).sample, args.iters), b)
+    row("vae_encode", [b, res, res, 3], *_pair(lambda: enc(st, x).block_until_ready(),
+        lambda: tv.encode(xt).latent_dist.mean, args.iters), b)
+    row("vae_decode", [b, res // 8, res // 8, 16], *_pair(lambda: dec(st, z).block_until_ready(),
+        lambda: tv.decode(zt).sample, args.iters), b)
     del tv, ours_vae, st
 
     # ----------------------------------------------------------------- CLIP
@@ -97,8 +108,8 @@ def main(argv=None) -> int:
     ids = np.random.default_rng(2).integers(0, 49407, (b, 77)).astype(np.int32)
     ids[:, -1] = 49407
     idt = torch.from_numpy(ids.astype(np.int64))
-    row("clip_l_text", [b, 77], _time(lambda: jax.block_until_ready(clip_fn(st, ids)), args.iters),
-        _time(lambda: hc(idt).pooler_output, args.iters), b)
+    row("clip_l_text", [b, 77], *_pair(lambda: jax.block_until_ready(clip_fn(st, ids)),
+        lambda: hc(idt).pooler_output, args.iters), b)
     del hc, oc, st
 
     # ------------------------------------------------------------------- T5
@@ -114,9 +125,10 @@ def main(argv=None) -> int:
     ids = np.random.default_rng(3).integers(0, 32000, (b, 128)).astype(np.int32)
     idt = torch.from_numpy(ids.astype(np.int64))
     row(f"t5_encoder_{tcfg['num_layers']}x{tcfg['d_model']}", [b, 128],
-        _time(lambda: t5_fn(st, ids).block_until_ready(), args.iters),
-        _time(lambda: ht(idt).last_hidden_state, args.iters), b)
+        *_pair(lambda: t5_fn(st, ids).block_until_ready(),
+        lambda: ht(idt).last_hidden_state, args.iters), b)
 
+    results["machine"] = machine_info(START_LOAD)
     out = json.dumps(results, indent=2)
     print(out)
     if args.out:

@@ -102,11 +102,15 @@ Activation estimate (training step, per device; b = compute-dtype bytes, B = mic
     (bounded by the largest block's ``none`` activations per sample + outside: an upper bound for inference).
     VAE: decoding the rollout batch (rollout_batch_size / (data*fsdp) images at once) keeps ~4 float32
     [R, R, w] tensors per image live at the top decoder level (the largest; w = 128 for FLUX, ~0.5 GB per
-    512^2 image; w = 96 for Qwen-Image, whose upsampler into that level holds its [R, R, 2w] input next to its
-    [R, R, w] output). Checked against XLA:CPU's buffer assignment of one float32 decode (memory_analysis
-    temporaries, 64^2 and 128^2): Qwen-Image 7.1 / 25.3 MB vs 6.3 / 25.2 MB estimated; FLUX 14.7 / 58.7 MB vs
+    512^2 image; w = 96 for Qwen-Image, whose upsampler into that level holds its conv's [R/2 + 1, R/2 + 1, 4w]
+    phase output next to the interleaved [R, R, w] result; models/conv.py). Checked against XLA:CPU's buffer
+    assignment of one float32 decode (memory_analysis temporaries, 64^2 and 128^2), when the upsamplers still
+    ran at the output resolution: Qwen-Image 7.1 / 25.3 MB vs 6.3 / 25.2 MB estimated; FLUX 14.7 / 58.7 MB vs
     8.4 / 33.6 MB, i.e. the FLUX bound is 1.75x low on the CPU (left as it was; GPU/TPU buffer assignment
-    differs, and the decode is below the training activations in every plan above).
+    differs, and the decode is below the training activations in every plan above). Since then 21.7 / 30.8 MB
+    (Qwen-Image) and 59.0 / 67.1 MB (FLUX): at these small sizes the upsamplers' folded kernels (fixed, ~15
+    and ~44 MB in float32) dominate; the FLUX decode at 256^2 and 512^2 moved by under 1% (235.9 vs 234.9 MB,
+    941.6 vs 939.5 MB).
     Reward: reward.batch_size / (data*fsdp) sequences of ~ 2 images ((R/28)^2 tokens each) + 128 prompt tokens
     through one decoder layer at a time (hidden + 2*intermediate/t + q/k/v); the last-position logits only.
     Peak = static + max(training, rollout, VAE decode, reward); it fits when peak <= HBM * (1 - margin) (XLA

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from edit_r1_jax.models.conv import upsample2x_conv3x3
 from edit_r1_jax.parallel.rules import constrain, param
 
 __all__ = ["AutoencoderKLConfig", "AutoencoderKL", "FLUX_VAE_CONFIG"]
@@ -189,8 +190,8 @@ class Upsample(nnx.Module):
         self.conv = Conv2d(channels, channels, 3, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
     def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
-        return self.conv(x)
+        # nearest-neighbour x2, then the 3x3 conv: computed at the input resolution (models/conv.py)
+        return upsample2x_conv3x3(x, self.conv.kernel[...], self.conv.bias[...], self.conv.dtype)
 
 
 class DownBlock(nnx.Module):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from edit_r1_jax.models.conv import upsample2x_conv3x3
 from edit_r1_jax.parallel.rules import param
 
 __all__ = ["QwenImageVAEConfig", "QwenImageVAE"]
@@ -138,9 +139,10 @@ class Resample(nnx.Module):
             raise ValueError(f"unknown resample mode {mode!r}")
 
     def __call__(self, x):
-        if self.mode.startswith("upsample"):
-            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-exact at an integer factor 2
-        return self.resample[1](x)
+        conv = self.resample[1]
+        if self.mode.startswith("upsample"):  # nearest-exact at an integer factor 2, then the conv (models/conv.py)
+            return upsample2x_conv3x3(x, conv.kernel[...], conv.bias[...], conv.dtype)
+        return conv(x)
 
 
 class ResidualBlock(nnx.Module):

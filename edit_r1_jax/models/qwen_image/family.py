@@ -163,7 +163,7 @@ class QwenImageEdit(Family):
 
     def plan_vae_top_width(self, vae_cfg) -> int:
         # the last up block runs at full resolution with base_dim * dim_mult[0] channels; the upsampler into it
-        # holds a [R, R, 2 * width] nearest-upsampled input next to its [R, R, width] output (within 4 x width)
+        # holds its [R/2 + 1, R/2 + 1, 4 * width] phase output next to its [R, R, width] result (within 4 x width)
         return int(vae_cfg.base_dim * vae_cfg.dim_mult[0])
 
     def plan_text_encoders(self, dtype="bfloat16"):
