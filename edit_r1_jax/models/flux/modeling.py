@@ -122,9 +122,24 @@ class RMSNorm(nnx.Module):
         self.scale = rules.param(jnp.ones((dim,), param_dtype), ("norm",))
 
     def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return _rms_norm(x, self.scale[...], self.eps)
+
+
+# The norm and the GELU are elementwise chains whose autodiff residuals (x and several intermediates, some saved
+# twice) each cost a [tokens, features] write per layer, stacked by the layer scan; under jax.checkpoint the backward
+# keeps only the input and recomputes the chain inside its own fusion. bench/dit.py (FLUX, 2+4 blocks, float32, 2
+# cores): forward+backward 2.36 -> 2.17 s; the forward is unchanged (checkpoint is the identity there).
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _rms_norm(x, scale, eps):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+@jax.checkpoint
+def gelu_tanh(x):
+    """diffusers' ``gelu-approximate`` (tanh GELU), rematerialised in the backward (see _rms_norm)."""
+    return jax.nn.gelu(x, approximate=True)
 
 
 class _NoParams(nnx.Module):
@@ -138,7 +153,7 @@ class _Proj(nnx.Module):
         self.proj = mk(dim, hidden, ("embed", "mlp"), "proj")
 
     def __call__(self, x):
-        return jax.nn.gelu(self.proj(x), approximate=True)
+        return gelu_tanh(self.proj(x))
 
 
 class FeedForward(nnx.Module):
@@ -316,7 +331,7 @@ class FluxSingleTransformerBlock(nnx.Module):
         dt = h.dtype
         sh, sc, g = _modulation(self.norm, temb, 3)
         nh = (_layer_norm(h) * (1 + sc) + sh).astype(dt)
-        mlp = jax.nn.gelu(self.proj_mlp(nh), approximate=True)
+        mlp = gelu_tanh(self.proj_mlp(nh))
         mlp = rules.constrain(mlp, ("batch", "length", "act_mlp"))
         a = self.attn(nh, cos, sin)
         out = self.proj_out(jnp.concatenate([a, mlp], axis=-1))

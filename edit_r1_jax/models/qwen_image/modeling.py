@@ -41,7 +41,7 @@ from flax import nnx
 
 from edit_r1_jax.models import scan
 from edit_r1_jax.models.attention import attention
-from edit_r1_jax.models.flux.modeling import RMSNorm, _layer_norm  # the same float32-statistics norms
+from edit_r1_jax.models.flux.modeling import RMSNorm, _layer_norm, gelu_tanh  # the same norms and GELU
 from edit_r1_jax.models.lora import LoRAConfig, linear_maker
 from edit_r1_jax.parallel import rules
 
@@ -136,7 +136,7 @@ class _Proj(nnx.Module):
         self.proj = lin
 
     def __call__(self, x):
-        return jax.nn.gelu(self.proj(x), approximate=True)
+        return gelu_tanh(self.proj(x))
 
 
 class FeedForward(nnx.Module):
