@@ -9,7 +9,8 @@ a jitted 2048^2 float32 matmul as the CPU peak:
 
 ``matmul_chain`` (per case): the kernel's matmuls without its softmax, at its default (head-by-head) block sizes:
 per (batch, head) and block pair, forward s = q_i k_j^T, o_i += s v_j; forward+backward adds the backward's five
-(s recomputed, dv_j += s^T do_i, dp = do_i v_j^T, dq_i += dp k_j, dk_j += dp^T q_i; dp stands in for ds). Run
+(s recomputed, dv_j^T += do_i^T s, dp = do_i v_j^T, dq_i += dp k_j, dk_j^T += q_i^T dp, from q^T and do^T
+transposed once per head as in the kernel; dp stands in for ds). Run
 once as one jitted program of the same loop structure (XLA:CPU's dot kernels) and once as torch.mm calls in a
 python loop (torch's BLAS), in the same rounds. ``kernel_fraction_of_chain`` = chain time / kernel time: how close
 the kernel runs to its own matmuls; ``torch_mm_over_xla`` = XLA chain time / torch chain time: how much faster the
@@ -148,6 +149,9 @@ def xla_matmul_chain(q, k, v, do, bq: int, bk: int, backward: bool):
     def add(x, y, start, size):
         return lax.dynamic_update_slice_in_dim(x, lax.dynamic_slice_in_dim(x, start, size) + y, start, 0)
 
+    def add_t(x, y, start, size):  # the same along axis 1 (transposed accumulators [D, L])
+        return lax.dynamic_update_slice_in_dim(x, lax.dynamic_slice_in_dim(x, start, size, 1) + y, start, 1)
+
     def head(args):
         q, k, v, do = args
 
@@ -160,18 +164,22 @@ def xla_matmul_chain(q, k, v, do, bq: int, bk: int, backward: bool):
             i, _, qi, _, kj, vj = blocks(t)
             return add(o, jnp.einsum("qd,kd->qk", qi, kj) @ vj, i * bq, bq)
 
+        qt, dot_ = q.T, do.T  # as the kernel: dK^T = Q^T dP, dV^T = dO^T S from Q^T, dO^T transposed once per head
+
         def backward_pair(t, c):
-            dq, dk, dv = c
+            dq, dkt, dvt = c
             i, j, qi, doi, kj, vj = blocks(t)
             s = jnp.einsum("qd,kd->qk", qi, kj)  # the recomputation
             dp = jnp.einsum("qd,kd->qk", doi, vj)
-            return (add(dq, dp @ kj, i * bq, bq), add(dk, jnp.einsum("qk,qd->kd", dp, qi), j * bk, bk),
-                    add(dv, jnp.einsum("qk,qd->kd", s, doi), j * bk, bk))
+            qti, doti = lax.dynamic_slice_in_dim(qt, i * bq, bq, 1), lax.dynamic_slice_in_dim(dot_, i * bq, bq, 1)
+            return (add(dq, dp @ kj, i * bq, bq), add_t(dkt, qti @ dp, j * bk, bk), add_t(dvt, doti @ s, j * bk, bk))
 
-        zq, zk = jnp.zeros_like(q), jnp.zeros_like(k)
+        zq, zt = jnp.zeros_like(q), jnp.zeros_like(k.T)
         o = lax.fori_loop(0, nq * nk, forward, zq)
-        grads = lax.fori_loop(0, nq * nk, backward_pair, (zq, zk, zk)) if backward else (zq, zk, zk)
-        return (o, *grads)
+        if not backward:
+            return o, zq, zt.T, zt.T
+        dq, dkt, dvt = lax.fori_loop(0, nq * nk, backward_pair, (zq, zt, zt))
+        return o, dq, dkt.T, dvt.T
 
     return lax.map(head, (q, k, v, do))
 

@@ -237,15 +237,16 @@ def _block_size(length: int, block: int, multiple: int = 8) -> tuple[int, int]:
 
 
 # Block sizes (block_q x block_k), per way of mapping the kernel over heads. Head by head ("loop", the CPU
-# default): chosen on XLA:CPU (2 cores; 8 heads x 64 over 2176 tokens and 24 x 128 over 4608) beside 256x512,
-# 384/512x1152, 512x768, 512/1088x2176, 1088x1088 and 768x1536: 640x1152 (blocks of 544x1088 at 2176 tokens) was
-# fastest or tied; smaller blocks fall below the size at which XLA runs a matmul on both cores. The transposed
-# shape, 1152x576 (1088x544), tied with it when each round of one process ran both in a rotated order (forward 0.120
-# vs 0.121 s, 0.144 vs 0.146 s; forward+backward 0.483 vs 0.449 s, 0.492 vs 0.499 s; 8 x 64 and 4 x 128 over 2176
-# tokens); runs in a fixed order favour whichever runs first, so kept 640x1152. Batched over heads ("vmap"): 256x512
-# was fastest on the same CPU before the head loop; on accelerators this path is only the fallback (module
-# docstring). Re-tune with bench/attention.py --blocks.
-LOOP_BLOCKS = (640, 1152)
+# default): 1088x2176. First tuned on a 2-core XLA:CPU machine (8 heads x 64 over 2176 tokens and 24 x 128 over 4608)
+# beside 256x512, 384/512x1152, 512x768, 512/1088x2176, 1088x1088, 768x1536 and 1152x576, where 640x1152 was fastest
+# or tied and smaller blocks fell below the size at which XLA runs a matmul on both cores. Re-tuned on 2026-12-02
+# on a 2-core Sapphire Rapids build machine (XLA:CPU's YNNPACK dot path, ~270 GFLOP/s matmul peak), all in one
+# process per case, after the backward took its transposed form: 4 x 128 over 2176 tokens, forward / forward+backward
+# 640x1152 0.060 / 0.193 s, 1088x1088 0.056 / 0.192, 320x2176 0.059 / 0.198, 640x2176 0.056 / 0.186, 2176x2176
+# 0.060 / 0.218, 1088x2176 0.053-0.054 / 0.181 s; 24 x 128 over 4608: 640x1152 1.76 / 4.78 s, 1088x2176 1.42 /
+# 4.63 s. Batched over heads ("vmap"): 256x512 was fastest on the first CPU before the head loop; on accelerators
+# this path is only the fallback (module docstring). Re-tune with bench/attention.py --blocks.
+LOOP_BLOCKS = (1088, 2176)
 BATCHED_BLOCKS = (256, 512)
 
 
