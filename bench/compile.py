@@ -127,10 +127,11 @@ def main(argv=None):
     for case in cases:
         for scan_layers in modes:
             name = "scan" if scan_layers else "unrolled"
-            print(f"[compile] {case} ({name}) ...", flush=True)
+            print(f"[compile] {case} ({name}) ...", file=sys.stderr, flush=True)
             r = reward_case(args, mesh, scan_layers) if case == "reward" else dit_case(case, args, mesh, scan_layers)
             result["cases"].setdefault(case, {})[name] = r
-            print(f"[compile] {case} ({name}): lower {r['lower_s']} s + compile {r['compile_s']} s", flush=True)
+            print(f"[compile] {case} ({name}): lower {r['lower_s']} s + compile {r['compile_s']} s", file=sys.stderr,
+                  flush=True)
     result["machine"] = machine_info(START_LOAD)
     text = json.dumps(result, indent=2)
     print(text)

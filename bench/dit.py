@@ -2,7 +2,7 @@
 
 CPU mode (default): our JAX FluxTransformer vs diffusers FluxTransformer2DModel (+ peft LoRA) on one mid-size
 config, forward and forward+backward (gradients of the LoRA parameters only), float32, batch 1:
-    python bench/dit.py [--repeats 5] [--peak-gflops 200]
+    python bench/dit.py [--repeats 5] [--peak-gflops X]
 Full mode (accelerator): the 12B FLUX.1-Kontext config in bf16, 512x512 Kontext (1024 noisy + 1024 reference image
 tokens + 128 text tokens), parameters initialised randomly on device by a jitted, sharded init, remat on:
     python bench/dit.py --full [--batch 1] [--mesh data=-1,fsdp=1,tensor=1] [--remat full] [--peak-tflops X]
@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import machine_info  # noqa: E402
+from machine import machine_info, matmul_peak  # noqa: E402
 
 START_LOAD = os.getloadavg()
 
@@ -146,7 +146,8 @@ def bench_cpu(args):
     torch_bwd_t, _ = _median_time(torch_bwd, args.repeats)
 
     f_fwd, f_fb = model_flops(cfg, b, n + nr, t, rank)
-    peak = args.peak_gflops * 1e9
+    measured = None if args.peak_gflops else matmul_peak(args.repeats)
+    peak = (args.peak_gflops or measured["gflops"]) * 1e9
     result = {
         "mode": "cpu",
         "config": {**dcfg, "width": cfg.inner_dim, "batch": b, "noisy_tokens": n, "reference_tokens": nr,
@@ -162,7 +163,8 @@ def bench_cpu(args):
                                  "forward_gflops_per_s": f_fwd / torch_fwd_t / 1e9,
                                  "forward_backward_gflops_per_s": f_fb / torch_bwd_t / 1e9},
         "ratio_torch_over_jax": {"forward": torch_fwd_t / jax_fwd_t, "forward_backward": torch_bwd_t / jax_bwd_t},
-        "peak_gflops_assumed": args.peak_gflops,
+        "peak_gflops": peak / 1e9,
+        "peak_measured": measured,  # None when --peak-gflops was given
     }
     result["machine"] = machine_info(START_LOAD)
     print(json.dumps(result, indent=2))
@@ -287,7 +289,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--noisy", type=int, default=1024, help="CPU mode: noisy tokens (= reference tokens)")
     p.add_argument("--text", type=int, default=128, help="CPU mode: text tokens")
-    p.add_argument("--peak-gflops", type=float, default=200.0, help="CPU matmul peak used for the fraction")
+    p.add_argument("--peak-gflops", type=float, default=None,
+                   help="CPU matmul peak for the fraction (default: measured in the run, bench/machine.py)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1")
     p.add_argument("--remat", default="full")

@@ -23,7 +23,9 @@ def machine_info(start_loadavg=None) -> dict:
     import jax
 
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "backend": jax.default_backend(), "jax": jax.__version__,
-            "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            # glibc.malloc.hugetlb=1 changes CPU figures of both sides (fewer page faults on fresh buffers: README)
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     if start_loadavg is not None:
         info["loadavg_start"] = [round(x, 2) for x in start_loadavg]
     try:
@@ -33,3 +35,38 @@ def machine_info(start_loadavg=None) -> dict:
     except ImportError:
         pass
     return info
+
+
+def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
+    """The CPU matmul peak measured here: a jitted n x n float32 matmul (highest precision) and torch's ``mm`` of the
+    same, interleaved, median of ``repeats``. ``gflops`` = the faster of the two (what the fraction-of-peak figures
+    divide by), beside both rates."""
+    import statistics
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    ja = jnp.asarray(a)
+    mm = jax.jit(lambda x: jnp.dot(x, x, precision="highest"))
+    fns = {"jax": lambda: jax.block_until_ready(mm(ja))}
+    try:
+        import torch
+
+        ta = torch.from_numpy(a)
+        fns["torch"] = lambda: torch.mm(ta, ta)
+    except ImportError:
+        pass
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    rates = {k: round(2 * n ** 3 / statistics.median(v) / 1e9, 1) for k, v in times.items()}
+    return {"gflops": max(rates.values()), **{f"{k}_gflops": r for k, r in rates.items()}, "size": n,
+            "repeats": repeats}

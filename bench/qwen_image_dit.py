@@ -4,7 +4,7 @@ CPU mode (default): our JAX QwenImageTransformer vs diffusers QwenImageTransform
 attention projections) on one mid-size config (4 dual-stream blocks, width 512 = 4 heads of 128, text width 3584),
 forward and forward+backward (gradients of the LoRA parameters only), float32, batch 1, the edit layout
 (1024 noisy + 1024 reference image tokens, 128 text tokens of which 100 are real, text mask on):
-    python bench/qwen_image_dit.py [--repeats 5] [--noisy 1024] [--text 128] [--peak-gflops 200]
+    python bench/qwen_image_dit.py [--repeats 5] [--noisy 1024] [--text 128] [--peak-gflops X]
 Prints one JSON object with both timings and ``ratio_torch_over_jax`` (> 1: ours faster).
 
 Full mode (accelerator): the 20B Qwen-Image-Edit-2509 config (60 blocks, width 3072) in bf16 on the spec's 512x512
@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 
 from dit import _median_time, _peak_for  # noqa: E402  (shared timing helpers of the FLUX DiT bench)
-from machine import machine_info  # noqa: E402
+from machine import machine_info, matmul_peak  # noqa: E402
 
 START_LOAD = os.getloadavg()
 
@@ -143,7 +143,8 @@ def bench_cpu(args):
     torch_bwd_t, _ = _median_time(torch_bwd, args.repeats)
 
     f_fwd, f_fb = model_flops(cfg, b, 2 * n, t, rank)
-    peak = args.peak_gflops * 1e9
+    measured = None if args.peak_gflops else matmul_peak(args.repeats)
+    peak = (args.peak_gflops or measured["gflops"]) * 1e9
     result = {
         "mode": "cpu", "model": "qwen-image",
         "config": {**dcfg, "axes_dims_rope": list(dcfg["axes_dims_rope"]), "width": cfg.inner_dim, "batch": b,
@@ -160,7 +161,8 @@ def bench_cpu(args):
                                  "forward_gflops_per_s": f_fwd / torch_fwd_t / 1e9,
                                  "forward_backward_gflops_per_s": f_fb / torch_bwd_t / 1e9},
         "ratio_torch_over_jax": {"forward": torch_fwd_t / jax_fwd_t, "forward_backward": torch_bwd_t / jax_bwd_t},
-        "peak_gflops_assumed": args.peak_gflops,
+        "peak_gflops": peak / 1e9,
+        "peak_measured": measured,  # None when --peak-gflops was given
     }
     result["machine"] = machine_info(START_LOAD)
     print(json.dumps(result, indent=2))
@@ -304,7 +306,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--noisy", type=int, default=1024, help="CPU mode: noisy tokens (= reference tokens), a square")
     p.add_argument("--text", type=int, default=128, help="CPU mode: text tokens")
-    p.add_argument("--peak-gflops", type=float, default=200.0, help="CPU matmul peak used for the fraction")
+    p.add_argument("--peak-gflops", type=float, default=None,
+                   help="CPU matmul peak for the fraction (default: measured in the run, bench/machine.py)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1")
     p.add_argument("--remat", default="full")

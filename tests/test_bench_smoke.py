@@ -17,7 +17,7 @@ def test_compile_bench_smoke():
     proc = subprocess.run([sys.executable, "bench/compile.py", "--smoke", "--no-unrolled"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    out = json.loads(proc.stdout)  # progress lines go to stderr: stdout is the JSON alone
     assert out["smoke"] is True and set(out["cases"]) == {"rollout", "train", "reward"}, out
     for case, modes in out["cases"].items():
         r = modes["scan"]
