@@ -61,7 +61,7 @@ Activation estimate (training step, per device; b = compute-dtype bytes, B = mic
     rules). Per token per block, elements saved for backward (f32 intermediates of LayerNorm/RMSNorm/RoPE
     counted as 2 bf16 units):
         policy                          FLUX double (19)        FLUX single (38)        Qwen dual (60)
-        none (everything)               18 D + 45 D/t (+probs)  8 D + 47 D/t (+probs)   14 D + 40 D/t + 4r (+probs)
+        none (everything)               18 D + 18 D/t (+probs)  8 D + 21 D/t (+probs)   14 D + 14 D/t + 4r (+probs)
         dots_saveable (matmul outputs)  4 D + 11 D/t + 4r (+sc) 2 D + 11 D/t + 3r (+sc) 4 D + 11 D/t + 4r (+sc)
         dots_with_no_batch_dims_sav.    4 D + 10 D/t + 4r       2 D + 10 D/t + 3r       4 D + 10 D/t + 4r
         full (nothing_saveable)         1 D                     1 D                     1 D
@@ -73,27 +73,27 @@ Activation estimate (training step, per device; b = compute-dtype bytes, B = mic
     LoRA target also saves its B output (counted in the D terms).
     Outside the blocks, per sample under every policy: FLUX ~6 L D b (final norm in float32, embedders) plus
     float32 copies of the timestep/guidance/text embedder weights (3 D^2 + 1280 D floats, once); Qwen-Image
-    ~5.4 L D b (image in/out projections, final norm in float32) + 7 T*3584*b (the float32 text-input RMSNorm)
+    ~5.4 L D b (image in/out projections, final norm in float32) + 1.5 T*3584*b (the text-input RMSNorm's input)
     + float32 timestep-embedder weights (D^2 + 256 D floats, once), and with ``none`` + XLA attention the text-key
     mask broadcast over the attention matrix (bool + float32 masked scores, 5 bytes x H/t x L^2: the layer scan
     hoists this loop-invariant residual out of its body, one per sample, not per block).
     Qwen-Image derivation: per stream its block runs the FLUX double block's sequence (modulated affine-free
     LayerNorm, q/k/v + q/k RMSNorm, RoPE, joint attention, output projection, gated residual, 4x tanh-GELU MLP),
     so the remat policies save FLUX's double-block matmul outputs; under ``none`` it saves 4 float32 LayerNorm
-    tensors (8) + 6 embed-width tensors (e = 14), 6 float32 RMSNorm tensors (12) + 6 MLP-width (24) + 4 q/k/v and
-    attention tensors (h = 40) and the 4 LoRA-A outputs.
+    tensors (8) + 6 embed-width tensors (e = 14), the heads/MLP-width tensors h = 14 and the 4 LoRA-A outputs.
+    The q/k RMSNorm and the tanh GELU run under ``jax.checkpoint`` (models/flux/modeling.py): under ``none``
+    each keeps only its input, which took the ``none`` h from 45 / 47 / 40 (FLUX double / single / Qwen dual)
+    to 18 / 21 / 14 and the text-input RMSNorm from 7 to 1.5 units (re-calibrated 2026-12-02 as below).
     Calibration: the saved residuals that ``jax.ad_checkpoint`` builds (weight slices excluded, see above), B=1,
-    XLA attention, LoRA r=32, full width. FLUX cut to one double block or one single block (L=2176): within 2%
-    for every policy (full: 0.223 vs 0.219 GB; none single block: 1.626 vs 1.628 GB); rechecked on the layer
-    scan (2 and 3 blocks of one kind, per interior block 3 - 2): none double 1.516 vs 1.524 GB, single 1.420 vs
-    1.417, dots_with_no_batch_dims_saveable double 0.1878 vs 0.1877, single 0.1609 vs 0.1608, totals within
-    2% for every policy (FLUX has no key mask: nothing is hoisted). Qwen-Image with 2 and 3
-    dual blocks under the layer scan (L=2304, T=256; a one-block cut runs as the python loop, where the
-    last block's text MLP is dead code and the mask is not hoisted, so it is not the shape of the 60-block run):
-    per interior block (3 - 2 blocks) none 1.534 GB measured vs 1.529 formula, dots_saveable 0.7226 vs 0.7225,
-    dots_with_no_batch_dims_saveable 0.1988 vs 0.1988, full 0.0142 vs 0.0142; totals within 1% for every
-    policy (2 blocks: none 3.837 vs 3.826 GB, full 0.1594 vs 0.1585 GB;
-    tests/test_plan.py::test_qwen_activation_formula_matches_saved_residuals).
+    XLA attention, LoRA r=32, full width (tests/test_plan.py::test_activation_formula_matches_saved_residuals and
+    ::test_qwen_activation_formula_matches_saved_residuals). FLUX cut to one double block or one single block
+    (L=2176): within 2% for every policy (full: 0.223 vs 0.219 GB; none: single 1.2787 vs 1.2792 GB, double
+    1.3723 vs 1.3750 GB; the remat policies within 0.4-1.0%). Qwen-Image with 2 dual blocks under the layer scan
+    (L=2304, T=256; a one-block cut runs as the python loop, where the last block's text MLP is dead code and the
+    mask is not hoisted, so it is not the shape of the 60-block run): none 3.080 vs 3.088 GB, full 0.1484 vs
+    0.1483 GB, dots_saveable 1.5652 vs 1.5652, dots_with_no_batch_dims_saveable 0.5176 vs 0.5177, all within 0.3%.
+    (Before the checkpointed norm and GELU, the same checks were also run per interior block of 2- and 3-block
+    scans: within 2% for FLUX, 1% for Qwen-Image.)
     With a remat policy one block is recomputed at a time during backward: add B x (one block's ``none``
     activations + its attention matrix when XLA attention) as the working set. Saved activations of the
     v_theta forward only: v_old / v_ref forwards run without gradients and are covered by the working set.

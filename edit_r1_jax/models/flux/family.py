@@ -191,9 +191,9 @@ class Kontext(Family):
         from edit_r1_jax.editors.base import PlanActivations, PlanBlocks
 
         d = tcfg.inner_dim
-        double = {"none": (18, 45, 0, "probs"), "dots_saveable": (4, 11, 4, "scores"),
+        double = {"none": (18, 18, 0, "probs"), "dots_saveable": (4, 11, 4, "scores"),
                   "dots_with_no_batch_dims_saveable": (4, 10, 4, None), "full": (1, 0, 0, None)}
-        single = {"none": (8, 47, 0, "probs"), "dots_saveable": (2, 11, 3, "scores"),
+        single = {"none": (8, 21, 0, "probs"), "dots_saveable": (2, 11, 3, "scores"),
                   "dots_with_no_batch_dims_saveable": (2, 10, 3, None), "full": (1, 0, 0, None)}
         return PlanActivations(
             dim=d, heads=tcfg.num_attention_heads, rank=tcfg.lora.rank if tcfg.lora else 0,

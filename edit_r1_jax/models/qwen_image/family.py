@@ -185,21 +185,21 @@ class QwenImageEdit(Family):
         LayerNorm, q/k/v with q/k RMSNorm, RoPE, joint attention, output projection, gated residual, 4x tanh-GELU
         MLP); the text keys are masked. Per token, calibrated on the layer scan (plan.py's module docstring):
         ``none`` saves 2 float32 LayerNorm intermediates x 2 norms (8 units) + 6 compute-dtype embed-width tensors
-        (e = 14), and 6 float32 q/k RMSNorm tensors (12) + 6 MLP-width tensors (24) + q/k/v and attention-output
-        tensors (4) (h = 40), 4 LoRA-A outputs, float32 logits + probabilities; under the remat policies the
-        matmul outputs are those of FLUX's double block (4 D + 10 D/t + 4 r, +1 D/t attention output and float32
-        scores for ``dots_saveable``). Outside: ~5.4 [L, D] per sample (image in/out projections, the final norm in
-        float32), 7 [T, 3584] units (the float32 text input RMSNorm), the key mask over ``[H, L, L]`` (bool +
+        (e = 14), h = 14 heads/MLP-width units (the RMSNorm and GELU run under jax.checkpoint and keep their inputs
+        only), 4 LoRA-A outputs, float32 logits + probabilities; under the remat policies the matmul outputs are
+        those of FLUX's double block (4 D + 10 D/t + 4 r, +1 D/t attention output and float32 scores for
+        ``dots_saveable``). Outside: ~5.4 [L, D] per sample (image in/out projections, the final norm in
+        float32), 1.5 [T, 3584] units (the text input RMSNorm's input), the key mask over ``[H, L, L]`` (bool +
         float32, ``none`` only) and float32 copies of the timestep embedder (D^2 + 256 D)."""
         from edit_r1_jax.editors.base import PlanActivations, PlanBlocks
 
         d = tcfg.inner_dim
-        dual = {"none": (14, 40, 4, "probs"), "dots_saveable": (4, 11, 4, "scores"),
+        dual = {"none": (14, 14, 4, "probs"), "dots_saveable": (4, 11, 4, "scores"),
                 "dots_with_no_batch_dims_saveable": (4, 10, 4, None), "full": (1, 0, 0, None)}
         return PlanActivations(
             dim=d, heads=tcfg.num_attention_heads, rank=tcfg.lora.rank if tcfg.lora else 0,
             blocks=(PlanBlocks("dual", "transformer_blocks", tcfg.num_layers, dual),),
-            outside=5.4, outside_text=7, text_width=tcfg.joint_attention_dim, outside_attn={"none": 5},
+            outside=5.4, outside_text=1.5, text_width=tcfg.joint_attention_dim, outside_attn={"none": 5},
             once=(d * d + 256 * d) * 4)
 
 
