@@ -1,6 +1,8 @@
-"""The compile benchmark's code path on tiny sizes (``bench/compile.py --smoke``): every case lowers and compiles
-against the current signatures of engine.sample, engine.train_step and the reward's scoring function (a renamed
-or added argument there broke the full-size benchmark once without any test noticing)."""
+"""The benchmarks' code paths: the compile benchmark on tiny sizes (``bench/compile.py --smoke``: every case lowers
+and compiles against the current signatures of engine.sample, engine.train_step and the reward's scoring function;
+a renamed or added argument there broke the full-size benchmark once without any test noticing), the attention
+benchmark's matmul chain, and one pass of the encoder benchmark (``bench/encoders.py``: our VAE, CLIP and T5
+against the diffusers / transformers modules it builds)."""
 
 import json
 import os
@@ -8,6 +10,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,3 +60,18 @@ def test_attention_bench_matmul_chain_does_the_kernels_matmuls():
     # forward's (an earlier version had both in one loop body and XLA computed them once).
     hlo = jax.jit(lambda *a: bench.xla_matmul_chain(*a, 16, 32, True)).lower(q, k, v, do).compile().as_text()
     assert len(re.findall(r"\bdot\(", hlo)) == 7, re.findall(r".*\bdot\(.*", hlo)
+
+
+@pytest.mark.slow
+def test_encoder_bench_runs_every_row():
+    """One iteration at batch 1 (~30 s): every row is timed on both sides and the JSON holds what the README quotes."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "bench/encoders.py", "--iters", "1", "--batch", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert [r["name"] for r in out["rows"]] == ["vae_encode", "vae_decode", "clip_l_text", "t5_encoder_12x768"]
+    for r in out["rows"]:
+        assert r["input"][0] == 1 and r["ours_ms"] > 0 and r["ref_ms"] > 0, r
+        assert abs(r["speedup_vs_ref"] - r["ref_ms"] / r["ours_ms"]) < 0.01, r
+    assert out["machine"]["cores"] == os.cpu_count()
