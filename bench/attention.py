@@ -31,12 +31,11 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import machine_info  # noqa: E402
+from machine import machine_info, paired_times  # noqa: E402
 
 START_LOAD = os.getloadavg()
 
@@ -44,22 +43,8 @@ CASES = {"small": (1, 2176, 8, 64), "dit": (1, 2176, 4, 128), "large": (1, 4608,
 
 
 def _rounds(fns: dict, repeats: int) -> dict:
-    """Median wall time of each callable, calling each once per round in a new (seeded) random order, so load
-    changes hit all alike and none always runs after the same neighbour: in a fixed order, three copies of one
-    program timed 0.146 / 0.157 / 0.168 s on this CPU, and of two block sizes the one timed first looked faster."""
-    import random
-
-    for f in fns.values():
-        f()  # warm-up / compile
-    names = list(fns)
-    order = random.Random(0)
-    times = {n: [] for n in names}
-    for _ in range(repeats):
-        for n in order.sample(names, len(names)):
-            t = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t)
-    return {n: statistics.median(t) for n, t in times.items()}
+    """Median wall time of each callable, timed in rounds of a random order (machine.paired_times)."""
+    return {n: statistics.median(t) for n, t in paired_times(fns, repeats).items()}
 
 
 def main(argv=None):

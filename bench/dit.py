@@ -1,7 +1,9 @@
 """DiT (FLUX transformer) benchmark. Not a test.
 
 CPU mode (default): our JAX FluxTransformer vs diffusers FluxTransformer2DModel (+ peft LoRA) on one mid-size
-config, forward and forward+backward (gradients of the LoRA parameters only), float32, batch 1:
+config, forward and forward+backward (gradients of the LoRA parameters only), float32, batch 1, the two sides
+timed in alternating rounds (random order per round, median of ``--repeats``; ``ratio_per_round`` holds each
+round's torch/JAX ratio, ``ratio_torch_over_jax`` the ratio of the medians):
     python bench/dit.py [--repeats 5] [--peak-gflops X]
 Full mode (accelerator): the 12B FLUX.1-Kontext config in bf16, 512x512 Kontext (1024 noisy + 1024 reference image
 tokens + 128 text tokens), parameters initialised randomly on device by a jitted, sharded init, remat on:
@@ -33,7 +35,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import machine_info, matmul_peak  # noqa: E402
+from machine import machine_info, matmul_peak, paired_times  # noqa: E402
 
 START_LOAD = os.getloadavg()
 
@@ -70,6 +72,16 @@ def _median_time(fn, repeats: int, warmup: int = 1):
     return statistics.median(times), times
 
 
+def compare_sides(what: str, jax_fn, torch_fn, repeats: int):
+    """(JAX median s, torch median s, torch/JAX ratio of each round) with the two sides timed in alternation
+    (machine.paired_times: a drifting host slows both alike), one untimed warm-up call each (JAX compiles)."""
+    print(f"timing JAX and diffusers + peft {what}, {repeats} rounds in alternation (JAX's first call compiles)",
+          file=sys.stderr, flush=True)
+    t = paired_times({"jax": jax_fn, "torch": torch_fn}, repeats)
+    ratios = [round(b / a, 3) for a, b in zip(t["jax"], t["torch"])]
+    return statistics.median(t["jax"]), statistics.median(t["torch"]), ratios
+
+
 def bench_cpu(args):
     import jax
     import jax.numpy as jnp
@@ -88,6 +100,8 @@ def bench_cpu(args):
     n, nr, t, b, rank = args.noisy, args.noisy, args.text, 1, 32
     lcfg = L.LoRAConfig(rank=rank, alpha=64.0)
     cfg = FluxConfig.from_diffusers(dcfg, lora=lcfg)
+    print(f"building the JAX model ({cfg.num_layers}+{cfg.num_single_layers} blocks, width {cfg.inner_dim})",
+          file=sys.stderr, flush=True)
     model = FluxTransformer(cfg, rngs=nnx.Rngs(0))
     graphdef, base, lora = L.split_policy(model)
     lora = jax.tree.map(lambda x: x + 0.01, lora)  # nonzero B so the backward is not trivially zero
@@ -114,8 +128,6 @@ def bench_cpu(args):
 
     jfwd = jax.jit(fwd)
     jgrad = jax.jit(jax.grad(lambda lora, base, inp: jnp.sum(fwd(base, lora, inp) * w)))
-    jax_fwd_t, _ = _median_time(lambda: jfwd(base, lora, inp).block_until_ready(), args.repeats)
-    jax_bwd_t, _ = _median_time(lambda: jax.block_until_ready(jgrad(lora, base, inp)), args.repeats)
 
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
@@ -142,10 +154,14 @@ def bench_cpu(args):
         (torch_fwd() * tw).sum().backward()
 
     assert all(p.requires_grad == (".lora_" in k) for k, p in tm.named_parameters()), "peft must freeze the base"
-    torch_fwd_t, _ = _median_time(torch_fwd_nograd, args.repeats)
-    torch_bwd_t, _ = _median_time(torch_bwd, args.repeats)
+    jax_fwd_t, torch_fwd_t, fwd_ratios = compare_sides(
+        "forward", lambda: jfwd(base, lora, inp).block_until_ready(), torch_fwd_nograd, args.repeats)
+    jax_bwd_t, torch_bwd_t, fb_ratios = compare_sides(
+        "forward+backward", lambda: jax.block_until_ready(jgrad(lora, base, inp)), torch_bwd, args.repeats)
 
     f_fwd, f_fb = model_flops(cfg, b, n + nr, t, rank)
+    if not args.peak_gflops:
+        print("measuring the matmul peak", file=sys.stderr, flush=True)
     measured = None if args.peak_gflops else matmul_peak(args.repeats)
     peak = (args.peak_gflops or measured["gflops"]) * 1e9
     result = {
@@ -163,6 +179,7 @@ def bench_cpu(args):
                                  "forward_gflops_per_s": f_fwd / torch_fwd_t / 1e9,
                                  "forward_backward_gflops_per_s": f_fb / torch_bwd_t / 1e9},
         "ratio_torch_over_jax": {"forward": torch_fwd_t / jax_fwd_t, "forward_backward": torch_bwd_t / jax_bwd_t},
+        "ratio_per_round": {"forward": fwd_ratios, "forward_backward": fb_ratios},
         "peak_gflops": peak / 1e9,
         "peak_measured": measured,  # None when --peak-gflops was given
     }

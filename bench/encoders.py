@@ -15,10 +15,8 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
-from machine import machine_info  # noqa: E402
+from machine import machine_info, paired_times  # noqa: E402
 
 PRESETS = {
     "small": dict(vae_res=128, t5=dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12), batch=2),
@@ -38,17 +36,9 @@ PRESETS = {
 
 
 def _pair(ours, ref, iters: int) -> tuple[float, float]:
-    """(ours, reference) median wall time: both warmed up, then called once per round in a random (seeded)
-    order, so a load change hits both sides alike."""
-    ours(), ref()  # warm-up / compile
-    times = ([], [])
-    order = random.Random(0)
-    for _ in range(iters):
-        for i in order.sample((0, 1), 2):
-            t = time.perf_counter()
-            (ours, ref)[i]()
-            times[i].append(time.perf_counter() - t)
-    return statistics.median(times[0]), statistics.median(times[1])
+    """(ours, reference) median wall time, timed in rounds of a random order (machine.paired_times)."""
+    t = paired_times({"ours": ours, "ref": ref}, iters)
+    return statistics.median(t["ours"]), statistics.median(t["ref"])
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,6 @@ def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
     same, interleaved, median of ``repeats``. ``gflops`` = the faster of the two (what the fraction-of-peak figures
     divide by), beside both rates."""
     import statistics
-    import time
 
     import jax
     import jax.numpy as jnp
@@ -59,14 +58,31 @@ def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
         fns["torch"] = lambda: torch.mm(ta, ta)
     except ImportError:
         pass
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    times = paired_times(fns, repeats)
     rates = {k: round(2 * n ** 3 / statistics.median(v) / 1e9, 1) for k, v in times.items()}
     return {"gflops": max(rates.values()), **{f"{k}_gflops": r for k, r in rates.items()}, "size": n,
             "repeats": repeats}
+
+
+def paired_times(fns: dict, repeats: int, warmup: int = 1, seed: int = 0) -> dict:
+    """Seconds per call of each zero-argument callable in ``fns`` (name -> fn), ``repeats`` of each, timed in
+    rounds: every round calls each fn once, in a new (seeded) random order, so a host whose speed drifts (other
+    tenants, frequency) slows every side of a comparison alike and none always runs after the same neighbour (in a
+    fixed order, three copies of one program timed 0.146 / 0.157 / 0.168 s on a 2-core CPU, and of two attention
+    block sizes the one timed first looked faster). ``warmup`` untimed calls of each first (compilation).
+    Returns name -> list of seconds, in round order."""
+    import random
+    import time
+
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    order = random.Random(seed)
+    times = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in order.sample(names, len(names)):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times

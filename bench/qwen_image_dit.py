@@ -5,7 +5,9 @@ attention projections) on one mid-size config (4 dual-stream blocks, width 512 =
 forward and forward+backward (gradients of the LoRA parameters only), float32, batch 1, the edit layout
 (1024 noisy + 1024 reference image tokens, 128 text tokens of which 100 are real, text mask on):
     python bench/qwen_image_dit.py [--repeats 5] [--noisy 1024] [--text 128] [--peak-gflops X]
-Prints one JSON object with both timings and ``ratio_torch_over_jax`` (> 1: ours faster).
+The two sides are timed in alternating rounds (random order per round, median of ``--repeats``). Prints one JSON
+object with both timings, ``ratio_torch_over_jax`` (ratio of the medians, > 1: ours faster) and
+``ratio_per_round`` (each round's ratio: its spread shows how steady the host was).
 
 Full mode (accelerator): the 20B Qwen-Image-Edit-2509 config (60 blocks, width 3072) in bf16 on the spec's 512x512
 edit (1024 noisy + 1024 reference tokens + 256 text tokens), LoRA r32, remat per block. Always lowers and compiles
@@ -38,7 +40,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 
-from dit import _median_time, _peak_for  # noqa: E402  (shared timing helpers of the FLUX DiT bench)
+from dit import _median_time, _peak_for, compare_sides  # noqa: E402  (shared timing helpers of the FLUX DiT bench)
 from machine import machine_info, matmul_peak  # noqa: E402
 
 START_LOAD = os.getloadavg()
@@ -111,9 +113,6 @@ def bench_cpu(args):
 
     jfwd = jax.jit(fwd)
     jgrad = jax.jit(jax.grad(lambda lora, base, a: jnp.sum(fwd(base, lora, a) * w)))
-    print("timing JAX forward / forward+backward (first call compiles)", file=sys.stderr, flush=True)
-    jax_fwd_t, _ = _median_time(lambda: jfwd(base, lora, arrays).block_until_ready(), args.repeats)
-    jax_bwd_t, _ = _median_time(lambda: jax.block_until_ready(jgrad(lora, base, arrays)), args.repeats)
 
     from diffusers import QwenImageTransformer2DModel
     from peft import LoraConfig
@@ -138,9 +137,10 @@ def bench_cpu(args):
         tm.zero_grad(set_to_none=True)
         (torch_fwd() * tw).sum().backward()
 
-    print("timing diffusers + peft forward / forward+backward", file=sys.stderr, flush=True)
-    torch_fwd_t, _ = _median_time(torch_fwd_nograd, args.repeats)
-    torch_bwd_t, _ = _median_time(torch_bwd, args.repeats)
+    jax_fwd_t, torch_fwd_t, fwd_ratios = compare_sides(
+        "forward", lambda: jfwd(base, lora, arrays).block_until_ready(), torch_fwd_nograd, args.repeats)
+    jax_bwd_t, torch_bwd_t, fb_ratios = compare_sides(
+        "forward+backward", lambda: jax.block_until_ready(jgrad(lora, base, arrays)), torch_bwd, args.repeats)
 
     f_fwd, f_fb = model_flops(cfg, b, 2 * n, t, rank)
     measured = None if args.peak_gflops else matmul_peak(args.repeats)
@@ -161,6 +161,7 @@ def bench_cpu(args):
                                  "forward_gflops_per_s": f_fwd / torch_fwd_t / 1e9,
                                  "forward_backward_gflops_per_s": f_fb / torch_bwd_t / 1e9},
         "ratio_torch_over_jax": {"forward": torch_fwd_t / jax_fwd_t, "forward_backward": torch_bwd_t / jax_bwd_t},
+        "ratio_per_round": {"forward": fwd_ratios, "forward_backward": fb_ratios},
         "peak_gflops": peak / 1e9,
         "peak_measured": measured,  # None when --peak-gflops was given
     }

