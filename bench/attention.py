@@ -4,7 +4,8 @@ Times one attention call, forward and forward+backward (gradients of q, k, v), f
 ("xla" = jax.nn.dot_product_attention, "flash_loop" = models/attention.py's blocked kernel head by head, the CPU
 default, "flash_vmap" = the same kernel batched over heads, the accelerator default) and torch's CPU
 scaled_dot_product_attention, all in the same process, interleaved round by round (median of the repeats), and
-a jitted 2048^2 float32 matmul as the CPU peak:
+as the CPU peak the faster of a jitted 2048^2 float32 matmul and torch.mm of the same, timed in the same rounds
+(``matmul_peak`` per case; ``fraction_of_matmul_peak`` divides by it):
     python bench/attention.py [--repeats 5] [--cases small,large] [--blocks 256x512,128x256]
 
 ``matmul_chain`` (per case): the kernel's matmuls without its softmax, at its default (head-by-head) block sizes:
@@ -35,7 +36,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import machine_info, paired_times  # noqa: E402
+from machine import machine_info, matmul_fns, paired_times  # noqa: E402
 
 START_LOAD = os.getloadavg()
 
@@ -61,12 +62,7 @@ def main(argv=None):
 
     from edit_r1_jax.models.attention import BATCHED_BLOCKS, LOOP_BLOCKS, flash_attention
 
-    mm = jax.jit(lambda a: a @ a)
-    a = jnp.ones((2048, 2048), jnp.float32)
-    peak = _rounds({"mm": lambda: jax.block_until_ready(mm(a))}, args.repeats)["mm"]
-    peak_gflops = 2 * 2048 ** 3 / peak / 1e9
-    print(f"matmul 2048^2 f32: {peak:.4f} s = {peak_gflops:.1f} GFLOP/s", file=sys.stderr, flush=True)
-
+    matmuls = {f"matmul_{k}/peak": f for k, f in matmul_fns().items()}  # timed in every case's rounds
     impls = {"xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v),
              "flash_loop_{}x{}".format(*LOOP_BLOCKS): lambda q, k, v: flash_attention(q, k, v, head_loop=True),
              "flash_vmap_{}x{}".format(*BATCHED_BLOCKS): lambda q, k, v: flash_attention(q, k, v, head_loop=False)}
@@ -75,7 +71,7 @@ def main(argv=None):
         impls[f"flash_loop_{bq}x{bk}"] = lambda q, k, v, bq=bq, bk=bk: flash_attention(
             q, k, v, block_q=bq, block_k=bk, head_loop=True)
 
-    results, chains = [], []
+    results, chains, peaks = [], [], []
     for case in args.cases.split(","):
         B, L, H, D = CASES[case]
         ks = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -98,7 +94,10 @@ def main(argv=None):
             (sdpa(qq, kk, vv) * vv).sum().backward()
 
         fns["torch_sdpa/fwd"], fns["torch_sdpa/fwd+bwd"] = torch_fwd, torch_fwd_bwd
-        times = _rounds(fns, args.repeats)
+        times = _rounds({**fns, **matmuls}, args.repeats)
+        rates = {k.split("/")[0]: 2 * 2048 ** 3 / times.pop(k) / 1e9 for k in matmuls}
+        peak_gflops = max(rates.values())
+        peaks.append({"case": case, "gflops": round(peak_gflops, 1), **{k: round(r, 1) for k, r in rates.items()}})
         flops = {"fwd": 4 * B * H * L * L * D}
         flops["fwd+bwd"] = 3 * flops["fwd"]
         for key, t in times.items():
@@ -116,7 +115,7 @@ def main(argv=None):
 
     print(json.dumps({
         "machine": machine_info(START_LOAD),
-        "matmul_peak": {"seconds": round(peak, 4), "gflops": round(peak_gflops, 1)},
+        "matmul_peak": peaks,
         "repeats": args.repeats, "results": results, "matmul_chain": chains}, indent=1))
 
 

@@ -35,7 +35,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import machine_info, matmul_peak, paired_times  # noqa: E402
+from machine import machine_info, matmul_fns, paired_times  # noqa: E402
 
 START_LOAD = os.getloadavg()
 
@@ -72,14 +72,46 @@ def _median_time(fn, repeats: int, warmup: int = 1):
     return statistics.median(times), times
 
 
-def compare_sides(what: str, jax_fn, torch_fn, repeats: int):
-    """(JAX median s, torch median s, torch/JAX ratio of each round) with the two sides timed in alternation
-    (machine.paired_times: a drifting host slows both alike), one untimed warm-up call each (JAX compiles)."""
-    print(f"timing JAX and diffusers + peft {what}, {repeats} rounds in alternation (JAX's first call compiles)",
-          file=sys.stderr, flush=True)
-    t = paired_times({"jax": jax_fn, "torch": torch_fn}, repeats)
-    ratios = [round(b / a, 3) for a, b in zip(t["jax"], t["torch"])]
-    return statistics.median(t["jax"]), statistics.median(t["torch"]), ratios
+def cpu_comparison(sides: dict, flops: dict, repeats: int, peak_gflops: float | None = None) -> dict:
+    """Our model against the reference, both on this CPU. ``sides``: mode ("forward", "forward_backward") ->
+    (JAX fn, torch fn), zero-argument callables; ``flops``: mode -> model FLOPs of one call.
+
+    Per mode, the two sides and the two 2048^2 matmuls of the peak (machine.matmul_fns) are timed in the same
+    rounds (machine.paired_times, a random order each round), so each round's ratio and fraction of the peak
+    compare figures taken seconds apart: on a host whose speed drifts, a model timed now against a peak taken
+    minutes later can read above 100%. "peak" = the faster matmul, its median over every round (``peak_gflops``
+    given: that number, no matmuls timed). Returns the JSON fields shared by bench/dit.py and
+    bench/qwen_image_dit.py."""
+    mm = {} if peak_gflops else {f"matmul_{k}": f for k, f in matmul_fns().items()}
+    mm_flops = 2 * 2048 ** 3
+    times, round_peaks = {}, {}
+    for mode, (jax_fn, torch_fn) in sides.items():
+        print(f"timing JAX and the PyTorch reference, {mode}: {repeats} rounds in alternation (JAX's first call "
+              "compiles)", file=sys.stderr, flush=True)
+        times[mode] = paired_times({"jax": jax_fn, "torch": torch_fn, **mm}, repeats)
+        round_peaks[mode] = ([peak_gflops * 1e9] * repeats if peak_gflops else
+                             [max(mm_flops / times[mode][k][r] for k in mm) for r in range(repeats)])
+    every_round = [p for ps in round_peaks.values() for p in ps]
+    peak = statistics.median(every_round)
+    med = {mode: {side: statistics.median(t[side]) for side in ("jax", "torch")} for mode, t in times.items()}
+    out = {"jax": {}, "torch_diffusers_peft": {}, "ratio_torch_over_jax": {}, "ratio_per_round": {},
+           "jax_frac_of_peak_per_round": {}}
+    for mode, t in times.items():
+        f = flops[mode]
+        out["jax"].update({f"{mode}_s": med[mode]["jax"], f"{mode}_gflops_per_s": f / med[mode]["jax"] / 1e9,
+                           f"{mode}_frac_of_peak": f / med[mode]["jax"] / peak})
+        out["torch_diffusers_peft"].update({f"{mode}_s": med[mode]["torch"],
+                                            f"{mode}_gflops_per_s": f / med[mode]["torch"] / 1e9,
+                                            f"{mode}_frac_of_peak": f / med[mode]["torch"] / peak})
+        out["ratio_torch_over_jax"][mode] = med[mode]["torch"] / med[mode]["jax"]
+        out["ratio_per_round"][mode] = [round(b / a, 3) for a, b in zip(t["jax"], t["torch"])]
+        out["jax_frac_of_peak_per_round"][mode] = [round(f / a / p, 3) for a, p in zip(t["jax"], round_peaks[mode])]
+    out["peak_gflops"] = peak / 1e9
+    out["peak_measured"] = None if peak_gflops else {
+        "gflops_min": min(every_round) / 1e9, "gflops_max": max(every_round) / 1e9, "size": 2048,
+        **{f"{k}_gflops_median": mm_flops / statistics.median([x for t in times.values() for x in t[k]]) / 1e9
+           for k in mm}}
+    return out
 
 
 def bench_cpu(args):
@@ -154,34 +186,16 @@ def bench_cpu(args):
         (torch_fwd() * tw).sum().backward()
 
     assert all(p.requires_grad == (".lora_" in k) for k, p in tm.named_parameters()), "peft must freeze the base"
-    jax_fwd_t, torch_fwd_t, fwd_ratios = compare_sides(
-        "forward", lambda: jfwd(base, lora, inp).block_until_ready(), torch_fwd_nograd, args.repeats)
-    jax_bwd_t, torch_bwd_t, fb_ratios = compare_sides(
-        "forward+backward", lambda: jax.block_until_ready(jgrad(lora, base, inp)), torch_bwd, args.repeats)
-
     f_fwd, f_fb = model_flops(cfg, b, n + nr, t, rank)
-    if not args.peak_gflops:
-        print("measuring the matmul peak", file=sys.stderr, flush=True)
-    measured = None if args.peak_gflops else matmul_peak(args.repeats)
-    peak = (args.peak_gflops or measured["gflops"]) * 1e9
     result = {
         "mode": "cpu",
         "config": {**dcfg, "width": cfg.inner_dim, "batch": b, "noisy_tokens": n, "reference_tokens": nr,
                    "text_tokens": t, "lora_rank": rank, "dtype": "float32", "matmul_precision": "highest",
                    "cpu_threads": os.cpu_count(), "repeats": args.repeats},
         "model_gflops": {"forward": f_fwd / 1e9, "forward_backward_lora": f_fb / 1e9},
-        "jax": {"forward_s": jax_fwd_t, "forward_backward_s": jax_bwd_t,
-                "forward_gflops_per_s": f_fwd / jax_fwd_t / 1e9,
-                "forward_backward_gflops_per_s": f_fb / jax_bwd_t / 1e9,
-                "forward_frac_of_peak": f_fwd / jax_fwd_t / peak,
-                "forward_backward_frac_of_peak": f_fb / jax_bwd_t / peak},
-        "torch_diffusers_peft": {"forward_s": torch_fwd_t, "forward_backward_s": torch_bwd_t,
-                                 "forward_gflops_per_s": f_fwd / torch_fwd_t / 1e9,
-                                 "forward_backward_gflops_per_s": f_fb / torch_bwd_t / 1e9},
-        "ratio_torch_over_jax": {"forward": torch_fwd_t / jax_fwd_t, "forward_backward": torch_bwd_t / jax_bwd_t},
-        "ratio_per_round": {"forward": fwd_ratios, "forward_backward": fb_ratios},
-        "peak_gflops": peak / 1e9,
-        "peak_measured": measured,  # None when --peak-gflops was given
+        **cpu_comparison({"forward": (lambda: jfwd(base, lora, inp).block_until_ready(), torch_fwd_nograd),
+                          "forward_backward": (lambda: jax.block_until_ready(jgrad(lora, base, inp)), torch_bwd)},
+                         {"forward": f_fwd, "forward_backward": f_fb}, args.repeats, args.peak_gflops),
     }
     result["machine"] = machine_info(START_LOAD)
     print(json.dumps(result, indent=2))

@@ -37,12 +37,9 @@ def machine_info(start_loadavg=None) -> dict:
     return info
 
 
-def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
-    """The CPU matmul peak measured here: a jitted n x n float32 matmul (highest precision) and torch's ``mm`` of the
-    same, interleaved, median of ``repeats``. ``gflops`` = the faster of the two (what the fraction-of-peak figures
-    divide by), beside both rates."""
-    import statistics
-
+def matmul_fns(n: int = 2048) -> dict:
+    """The CPU matmul peak's callables: name -> zero-argument fn, a jitted n x n float32 matmul (highest precision)
+    ("jax") and torch's ``mm`` of the same ("torch", when torch is installed). Each does 2 n^3 FLOPs."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -58,7 +55,16 @@ def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
         fns["torch"] = lambda: torch.mm(ta, ta)
     except ImportError:
         pass
-    times = paired_times(fns, repeats)
+    return fns
+
+
+def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
+    """The CPU matmul peak measured here: matmul_fns' two matmuls timed in rounds (paired_times), median of
+    ``repeats``. ``gflops`` = the faster of the two (what the fraction-of-peak figures divide by), beside both
+    rates."""
+    import statistics
+
+    times = paired_times(matmul_fns(n), repeats)
     rates = {k: round(2 * n ** 3 / statistics.median(v) / 1e9, 1) for k, v in times.items()}
     return {"gflops": max(rates.values()), **{f"{k}_gflops": r for k, r in rates.items()}, "size": n,
             "repeats": repeats}

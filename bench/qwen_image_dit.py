@@ -40,8 +40,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 
-from dit import _median_time, _peak_for, compare_sides  # noqa: E402  (shared timing helpers of the FLUX DiT bench)
-from machine import machine_info, matmul_peak  # noqa: E402
+from dit import _median_time, _peak_for, cpu_comparison  # noqa: E402  (shared timing helpers of the FLUX DiT bench)
+from machine import machine_info  # noqa: E402
 
 START_LOAD = os.getloadavg()
 
@@ -137,14 +137,7 @@ def bench_cpu(args):
         tm.zero_grad(set_to_none=True)
         (torch_fwd() * tw).sum().backward()
 
-    jax_fwd_t, torch_fwd_t, fwd_ratios = compare_sides(
-        "forward", lambda: jfwd(base, lora, arrays).block_until_ready(), torch_fwd_nograd, args.repeats)
-    jax_bwd_t, torch_bwd_t, fb_ratios = compare_sides(
-        "forward+backward", lambda: jax.block_until_ready(jgrad(lora, base, arrays)), torch_bwd, args.repeats)
-
     f_fwd, f_fb = model_flops(cfg, b, 2 * n, t, rank)
-    measured = None if args.peak_gflops else matmul_peak(args.repeats)
-    peak = (args.peak_gflops or measured["gflops"]) * 1e9
     result = {
         "mode": "cpu", "model": "qwen-image",
         "config": {**dcfg, "axes_dims_rope": list(dcfg["axes_dims_rope"]), "width": cfg.inner_dim, "batch": b,
@@ -152,18 +145,9 @@ def bench_cpu(args):
                    "lora_rank": rank, "dtype": "float32", "matmul_precision": "highest",
                    "cpu_threads": os.cpu_count(), "repeats": args.repeats},
         "model_gflops": {"forward": f_fwd / 1e9, "forward_backward_lora": f_fb / 1e9},
-        "jax": {"forward_s": jax_fwd_t, "forward_backward_s": jax_bwd_t,
-                "forward_gflops_per_s": f_fwd / jax_fwd_t / 1e9,
-                "forward_backward_gflops_per_s": f_fb / jax_bwd_t / 1e9,
-                "forward_frac_of_peak": f_fwd / jax_fwd_t / peak,
-                "forward_backward_frac_of_peak": f_fb / jax_bwd_t / peak},
-        "torch_diffusers_peft": {"forward_s": torch_fwd_t, "forward_backward_s": torch_bwd_t,
-                                 "forward_gflops_per_s": f_fwd / torch_fwd_t / 1e9,
-                                 "forward_backward_gflops_per_s": f_fb / torch_bwd_t / 1e9},
-        "ratio_torch_over_jax": {"forward": torch_fwd_t / jax_fwd_t, "forward_backward": torch_bwd_t / jax_bwd_t},
-        "ratio_per_round": {"forward": fwd_ratios, "forward_backward": fb_ratios},
-        "peak_gflops": peak / 1e9,
-        "peak_measured": measured,  # None when --peak-gflops was given
+        **cpu_comparison({"forward": (lambda: jfwd(base, lora, arrays).block_until_ready(), torch_fwd_nograd),
+                          "forward_backward": (lambda: jax.block_until_ready(jgrad(lora, base, arrays)), torch_bwd)},
+                         {"forward": f_fwd, "forward_backward": f_fb}, args.repeats, args.peak_gflops),
     }
     result["machine"] = machine_info(START_LOAD)
     print(json.dumps(result, indent=2))
