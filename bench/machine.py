@@ -1,5 +1,6 @@
-"""What every benchmark prints about the machine it ran on: CPU model, core count, load average (at start and at
-the end: a busy machine makes the figures meaningless), package versions."""
+"""What every benchmark prints about the machine it ran on (CPU model, core count, load average at start and at
+the end: a busy machine makes the figures meaningless, package versions), and how the comparisons are timed:
+``paired_times`` (both sides in the same rounds) and ``matmul_fns`` (the CPU matmul peak, timed beside them)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ def machine_info(start_loadavg=None) -> dict:
 
 
 def matmul_fns(n: int = 2048) -> dict:
-    """The CPU matmul peak's callables: name -> zero-argument fn, a jitted n x n float32 matmul (highest precision)
-    ("jax") and torch's ``mm`` of the same ("torch", when torch is installed). Each does 2 n^3 FLOPs."""
+    """The CPU matmul peak's callables, timed in the same rounds as the models (bench/dit.py cpu_comparison,
+    bench/attention.py): name -> zero-argument fn, a jitted n x n float32 matmul (highest precision) ("jax") and
+    torch's ``mm`` of the same ("torch", when torch is installed). Each does 2 n^3 FLOPs."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -56,18 +58,6 @@ def matmul_fns(n: int = 2048) -> dict:
     except ImportError:
         pass
     return fns
-
-
-def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
-    """The CPU matmul peak measured here: matmul_fns' two matmuls timed in rounds (paired_times), median of
-    ``repeats``. ``gflops`` = the faster of the two (what the fraction-of-peak figures divide by), beside both
-    rates."""
-    import statistics
-
-    times = paired_times(matmul_fns(n), repeats)
-    rates = {k: round(2 * n ** 3 / statistics.median(v) / 1e9, 1) for k, v in times.items()}
-    return {"gflops": max(rates.values()), **{f"{k}_gflops": r for k, r in rates.items()}, "size": n,
-            "repeats": repeats}
 
 
 def paired_times(fns: dict, repeats: int, warmup: int = 1, seed: int = 0) -> dict:
