@@ -95,7 +95,8 @@ def cpu_comparison(sides: dict, flops: dict, repeats: int, peak_gflops: float | 
     peak = statistics.median(every_round)
     med = {mode: {side: statistics.median(t[side]) for side in ("jax", "torch")} for mode, t in times.items()}
     out = {"jax": {}, "torch_diffusers_peft": {}, "ratio_torch_over_jax": {}, "ratio_per_round": {},
-           "jax_frac_of_peak_per_round": {}}
+           "jax_frac_of_peak_per_round": {},
+           "peak_gflops_per_round": {m: [round(p / 1e9, 1) for p in ps] for m, ps in round_peaks.items()}}
     for mode, t in times.items():
         f = flops[mode]
         out["jax"].update({f"{mode}_s": med[mode]["jax"], f"{mode}_gflops_per_s": f / med[mode]["jax"] / 1e9,
