@@ -103,9 +103,9 @@ def test_paired_times_alternates_the_sides_in_random_rounds():
 def test_dit_bench_comparison_pairs_each_round_with_its_own_peak():
     """bench/dit.py cpu_comparison (the DiT benches' figures): each round's ratio is torch time / JAX time of that
     round, each round's fraction of the peak divides by the matmuls timed in the same round, and the medians come
-    from the same times. Stand-in sides that sleep 20 and 60 ms (the comparison's arithmetic is under test, not a
-    model) give ratios near 3 (the bounds leave ~10 ms of oversleep on a loaded machine; the other way round, the
-    ratio would be near 1/3); a JAX side of 1 GFLOP in >= 20 ms runs at <= 50 GFLOP/s."""
+    from the same times. Stand-in sides that sleep 50 and 150 ms (the comparison's arithmetic is under test, not a
+    model) give ratios near 3 (the bounds leave ~30 ms of oversleep on a loaded machine; the other way round, the
+    ratio would be near 1/3); a JAX side of 1 GFLOP in >= 50 ms runs at <= 20 GFLOP/s."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("dit_bench", ROOT / "bench" / "dit.py")
@@ -113,21 +113,21 @@ def test_dit_bench_comparison_pairs_each_round_with_its_own_peak():
     spec.loader.exec_module(bench)
     import time
 
-    sides = {"forward": (lambda: time.sleep(0.02), lambda: time.sleep(0.06))}
+    sides = {"forward": (lambda: time.sleep(0.05), lambda: time.sleep(0.15))}
     out = bench.cpu_comparison(sides, {"forward": 1e9}, repeats=3)
     ratios = out["ratio_per_round"]["forward"]
-    assert len(ratios) == 3 and all(1.8 < r < 3.2 for r in ratios), ratios
-    assert 1.8 < out["ratio_torch_over_jax"]["forward"] < 3.2
+    assert len(ratios) == 3 and all(1.8 < r < 3.7 for r in ratios), ratios
+    assert 1.8 < out["ratio_torch_over_jax"]["forward"] < 3.7
     peak = out["peak_measured"]
     assert 0 < peak["gflops_min"] <= out["peak_gflops"] <= peak["gflops_max"], peak
     gflops = out["jax"]["forward_gflops_per_s"]
-    assert gflops <= 50 and abs(out["jax"]["forward_frac_of_peak"] - gflops / out["peak_gflops"]) < 1e-9
-    # each round's fraction is the JAX side's rate in that round (1 GFLOP in 20-33 ms: 30-50 GFLOP/s) over the
+    assert gflops <= 20 and abs(out["jax"]["forward_frac_of_peak"] - gflops / out["peak_gflops"]) < 1e-9
+    # each round's fraction is the JAX side's rate in that round (1 GFLOP in 50-83 ms: 12-20 GFLOP/s) over the
     # peak of the same round
     fracs, peaks = out["jax_frac_of_peak_per_round"]["forward"], out["peak_gflops_per_round"]["forward"]
     assert len(peaks) == 3 and min(peaks) == round(peak["gflops_min"], 1), (peaks, peak)
-    assert all(30 < f * p < 50.5 for f, p in zip(fracs, peaks)), (fracs, peaks)
+    assert all(12 < f * p < 20.2 for f, p in zip(fracs, peaks)), (fracs, peaks)
     fixed = bench.cpu_comparison(sides, {"forward": 1e9}, repeats=2, peak_gflops=100.0)
     assert fixed["peak_measured"] is None and fixed["peak_gflops"] == 100.0
-    # 1 GFLOP in 20-33 ms against 100 GFLOP/s: 0.3-0.5 of the peak in each round
-    assert all(0.3 < f <= 0.5 for f in fixed["jax_frac_of_peak_per_round"]["forward"]), fixed
+    # 1 GFLOP in 50-83 ms against 100 GFLOP/s: 0.12-0.2 of the peak in each round
+    assert all(0.12 < f <= 0.2 for f in fixed["jax_frac_of_peak_per_round"]["forward"]), fixed
