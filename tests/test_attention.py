@@ -2,6 +2,7 @@
 jax.nn.dot_product_attention (XLA), outputs and gradients; implementation selection and its log line."""
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,11 @@ CASES = {
     # [B, 1, 1, Lk], as the Qwen-Image DiT passes its text padding: kept as a mask over keys (query axis 1)
     "key_padding": (2, 37, 53, 4, 4, 8, lambda: (np.arange(53)[None] < np.array([53, 40])[:, None])[:, None, None],
                     16),
+    # the same with GQA and a batch element whose every key is masked (all its rows fully masked: uniform, and no
+    # gradient reaches q or k), through the key-bias path's any-key-kept factor (D = 16: a power-of-two scale, so
+    # bf16 takes the key-bias path too)
+    "key_padding_gqa_all_masked": (2, 37, 53, 4, 2, 16,
+                                   lambda: (np.arange(53)[None] < np.array([30, 0])[:, None])[:, None, None], 16),
 }
 
 
@@ -124,8 +130,9 @@ def test_flash_fully_masked_row_matches_xla_semantics():
 
 
 @pytest.mark.parametrize("head_loop", [True, False], ids=["head_loop", "vmap"])
-def test_flash_matches_xla_bf16(head_loop):
-    B, Lq, Lk, H, Hk, D, make_mask, block = CASES["causal_padding_gqa"]
+@pytest.mark.parametrize("case", ["causal_padding_gqa", "key_padding_gqa_all_masked"])
+def test_flash_matches_xla_bf16(case, head_loop):
+    B, Lq, Lk, H, Hk, D, make_mask, block = CASES[case]
     mask = make_mask()
     q, k, v, g = _inputs(B, Lq, Lk, H, Hk, D, dtype=jnp.bfloat16)
     got = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, mask, block_q=block, block_k=block,
@@ -223,3 +230,31 @@ def test_splash_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="splash.*differs per batch element"):
         attention(jnp.concatenate([q, q]), jnp.concatenate([k, k]), jnp.concatenate([v, v]),
                   mask=np.ones((2, 1, 16, 16), bool), implementation="splash", interpret=True)
+
+
+def test_key_only_mask_is_applied_in_the_logits_matmul():
+    """A mask over keys only ([B, 1, 1, Lk], the Qwen-Image text padding) reaches the kernel as a key bias column
+    (models/attention.py _with_key_bias): the logits matmuls contract D + KEY_BIAS_COLUMNS, and no select over a
+    logit block is left; a query-dependent mask keeps the select (and D). float16 keeps the boolean mask."""
+    B, L, H, D = 1, 24, 2, 8
+    q, k, v, g = _inputs(B, L, L, H, H, D)
+    keys = jnp.asarray(np.arange(L)[None, None, None] < 20)
+    causal = jnp.asarray(np.tril(np.ones((L, L), bool))[None, None])
+
+    def hlo(mask, dtype=jnp.float32):
+        f = lambda q, k, v: flash_attention(q, k, v, mask, block_q=8, block_k=8)  # noqa: E731
+        args = [x.astype(dtype) for x in (q, k, v)]
+        return jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1](g.astype(dtype))).lower(*args).as_text()
+
+    def contractions(text):  # contracted sizes of the [8, 8]-block products: logits (qd,kd->qk) and dP = dO V^T
+        return set(re.findall(r"\(tensor<(?:\d+x)*8x(\d+)x\w+>, tensor<(?:\d+x)*8x\1x\w+>\) -> "
+                              r"tensor<(?:\d+x)*8x8xf32>", text))
+
+    def logit_selects(text):
+        return len(re.findall(r"stablehlo.select .*: tensor<(?:\d+x)*8x8xi1>, tensor<(?:\d+x)*8x8xf32>", text))
+
+    biased, selected = hlo(keys), hlo(causal)
+    assert contractions(biased) == {str(D), str(D + attn_mod.KEY_BIAS_COLUMNS)}, contractions(biased)
+    assert logit_selects(biased) == 0
+    assert contractions(selected) == {str(D)} and logit_selects(selected) > 0, contractions(selected)
+    assert contractions(hlo(keys, jnp.float16)) == {str(D)}

@@ -15,7 +15,9 @@ Logits are accumulated and the softmax statistics are kept in float32 whatever t
       custom VJP that recomputes the probabilities block by block (FlashAttention-2 backward; only the output and
       two float32 statistics per query row are saved). Runs on every backend. The kernel works on one kv head at
       a time with plain 2-D matmuls; on the CPU it is mapped over batch x heads in a loop (XLA:CPU runs a large
-      2-D matmul on every core, a batched one much slower), elsewhere batched with ``vmap``.
+      2-D matmul on every core, a batched one much slower), elsewhere batched with ``vmap``. A mask over keys only
+      (``[B, 1, 1, Lk]``, e.g. text padding) is applied as a bias column inside the logits matmul where q is
+      pre-scaled (float32; bf16 with a power-of-two scale), other masks by a select on each logit block.
     * ``"cudnn"``: cuDNN fused attention (GPU, bf16/fp16 only); raises if unavailable (never a silent fallback).
     * ``"splash"``: the Pallas TPU *splash* attention kernel (``jax.experimental.pallas.ops.tpu.splash_attention``).
       It takes no mask, or a mask whose value is known at trace time (built from numpy/constants, e.g. the
@@ -84,15 +86,16 @@ def _put(buf, x, i, size, axis):
     return lax.dynamic_update_slice_in_dim(buf, x, i * size, axis=axis)
 
 
-def _scores(qi, kj, maskb, j, bk, lk, lkp, scale):
+def _scores(qi, kj, maskb, j, bk, lk, lkp, scale, biased=False):
     """float32 logits of one [rows, bk] block (rows = query heads sharing the kv head x block queries);
-    user-masked -> _MASKED (as jax), padded keys -> -inf (never count)."""
+    user-masked -> _MASKED (as jax), padded keys -> -inf (never count). ``biased``: q and k carry the key bias
+    column (_with_key_bias), which already did both."""
     s = jnp.einsum("qd,kd->qk", qi, kj, preferred_element_type=jnp.float32)
     if scale != 1.0:
         s = s * scale
     if maskb is not None:
         s = jnp.where(maskb, s, _MASKED)
-    if lkp != lk:
+    if lkp != lk and not biased:
         col = lax.broadcasted_iota(jnp.int32, s.shape, 1) + j * bk
         s = jnp.where(col < lk, s, -jnp.inf)
     return s
@@ -113,20 +116,50 @@ def _mask_rows(mask, i, j, bq, bk, g):
     return jnp.broadcast_to(mb, (g, bq, bk)).reshape(g * bq, bk)
 
 
+# A mask over keys only (the Qwen-Image text padding: [B, 1, 1, Lk]) is applied inside the logits matmul: q gets a
+# column of ones and k a column holding the key's bias (0 = attend, _MASKED = masked, -inf = padding), padded with
+# zeros to a multiple of 8 columns, so QK^T yields the masked logits directly. On XLA:CPU the select over every
+# [rows, bk] logit block was a pass of its own (the block feeds both the row max and the exp): attention forward
+# 4 heads x 128 over 2176 keys 0.127 s masked against 0.103 s unmasked; the extra 8 columns cost ~6% of the logits
+# matmul only. The values are those of the select: q.k + 0 = q.k for a kept key, and q.k + _MASKED rounds to
+# _MASKED (|q.k| is far below half an ulp of 2.4e38), so a fully masked row is still uniform.
+KEY_BIAS_COLUMNS = 8
+
+
+def _with_key_bias(q, k, bias):
+    """q [G, Lqp, D] and k [Lkp, D] of one kv head with the bias column (bias [Lkp] float32) appended."""
+    G, Lqp, _ = q.shape
+    pad = KEY_BIAS_COLUMNS - 1
+    qa = jnp.concatenate([q, jnp.ones((G, Lqp, 1), q.dtype), jnp.zeros((G, Lqp, pad), q.dtype)], -1)
+    ka = jnp.concatenate([k, bias[:, None].astype(k.dtype), jnp.zeros((k.shape[0], pad), k.dtype)], -1)
+    return qa, ka
+
+
+def _key_bias(mask):
+    """A key-only mask [Gm, 1, Lkp] of one kv head as the bias [Lkp]; None for any other mask."""
+    if mask is None or mask.dtype == jnp.bool_:
+        return None
+    return mask[0, 0]
+
+
 def _head_fwd(q, k, v, mask, scale, bq, bk, lk):
     """One kv head: q [G, Lqp, D], k/v [Lkp, D], mask None or bool [Gm, Lqp, Lkp].
     Returns out [G, Lqp, D] (q.dtype), row max m and row sum l ([G, Lqp], float32)."""
     G, Lqp, D = q.shape
     Lkp = k.shape[0]
     nq, nk = Lqp // bq, Lkp // bk
+    bias = _key_bias(mask)
+    qs, ks = (q, k) if bias is None else _with_key_bias(q, k, bias)
+    mask = None if bias is not None else mask
 
     def q_body(i, carry):
         out, ms, ls = carry
-        qi = _rows(q, i, bq)
+        qi = _rows(qs, i, bq)
 
         def k_body(j, c):
             m, l, acc = c
-            s = _scores(qi, _blk(k, j, bk, 0), _mask_rows(mask, i, j, bq, bk, G), j, bk, lk, Lkp, scale)
+            s = _scores(qi, _blk(ks, j, bk, 0), _mask_rows(mask, i, j, bq, bk, G), j, bk, lk, Lkp, scale,
+                        bias is not None)
             m_new = jnp.maximum(m, s.max(-1))
             alpha = jnp.exp(m - m_new)  # m starts at -inf; block 0 always holds a real key, so m_new is finite
             p = jnp.exp(s - m_new[:, None])
@@ -158,6 +191,12 @@ def _head_bwd(q, k, v, mask, o, m, l, do, scale, bq, bk, lk):
     G, Lqp, D = q.shape
     Lkp = k.shape[0]
     nq, nk = Lqp // bq, Lkp // bk
+    bias = _key_bias(mask)
+    qs, ks = (q, k) if bias is None else _with_key_bias(q, k, bias)
+    mask = None if bias is not None else mask
+    # With the key bias a masked logit gets e = exp(_MASKED - m) = 0, hence dS = 0, unless every key of the head is
+    # masked (every row fully masked, e = 1): then no logit has a gradient, as below for the boolean mask.
+    any_kept = None if bias is None else (jnp.max(bias) == 0.0).astype(jnp.float32)
     inv_l = 1.0 / l
     do32 = do.astype(jnp.float32)
     delta = jnp.sum(do32 * o.astype(jnp.float32), -1) * inv_l  # rowsum(dO * O) / l = rowsum(P * dP) / l
@@ -183,19 +222,21 @@ def _head_bwd(q, k, v, mask, o, m, l, do, scale, bq, bk, lk):
 
     def k_body(j, carry):
         dq, dkt, dvt = carry
-        kj, vj = _blk(k, j, bk, 0), _blk(v, j, bk, 0)
+        kj, vj, ksj = _blk(k, j, bk, 0), _blk(v, j, bk, 0), _blk(ks, j, bk, 0)
 
         def q_body(i, c):
             dq, dktj, dvtj = c
-            qi, doi = _rows(q, i, bq), _rows(do, i, bq)
+            qsi, doi = _rows(qs, i, bq), _rows(do, i, bq)
             mb = _mask_rows(mask, i, j, bq, bk, G)
-            s = _scores(qi, kj, mb, j, bk, lk, Lkp, scale)
+            s = _scores(qsi, ksj, mb, j, bk, lk, Lkp, scale, bias is not None)
             e = jnp.exp(s - _rows(m, i, bq)[:, None])
             dvtj = dvtj + t_dot(t_rows(dot_, i), e.astype(do.dtype))
             dp = jnp.einsum("qd,kd->qk", doi, vj, preferred_element_type=jnp.float32)
             ds = e * (dp - _rows(delta, i, bq)[:, None])
             if mb is not None:  # masked logits are constants: no gradient (matters only in fully masked rows)
                 ds = jnp.where(mb, ds, 0.0)
+            if any_kept is not None:
+                ds = ds * any_kept
             ds = (ds * scale).astype(q.dtype)
             dqi = jnp.einsum("qk,kd->qd", ds, kj, preferred_element_type=jnp.float32).reshape(G, bq, D)
             dktj = dktj + t_dot(t_rows(qt, i), ds)
@@ -309,7 +350,16 @@ def flash_attention(q, k, v, mask=None, *, block_q: int | None = None, block_k: 
         lm, lmp = (1, 1) if Lm == 1 else (Lq, Lqp)  # a key-only mask keeps its query axis of 1 (never broadcast)
         mask = jnp.broadcast_to(mask, (Bm, Hm, lm, Lk))
         mask = mask.reshape(Bm, Hk, G, lm, Lk) if Hm == H else mask.reshape(Bm, 1, 1, lm, Lk)
-        if (lmp, Lkp) != (lm, Lk):
+        if (lm == 1 and mask.shape[2] == 1 and pre
+                and jnp.dtype(q.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))):
+            # Over keys only, the same for every query head of a kv head: a key bias (see _with_key_bias). Only where
+            # q is pre-scaled: logits scaled after the matmul would be (q.k + _MASKED) * scale, and with the scaling
+            # contracted into the exp's subtraction (an FMA) a fully masked row's equal logits no longer cancel
+            # (exp of half an ulp of 8e37). float16 cannot hold _MASKED. Both keep the boolean mask.
+            mask = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
+            if Lkp != Lk:
+                mask = jnp.pad(mask, ((0, 0),) * 4 + ((0, Lkp - Lk),), constant_values=-jnp.inf)
+        elif (lmp, Lkp) != (lm, Lk):
             mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, lmp - lm), (0, Lkp - Lk)))
 
     def fwd(q, k, v, mask):
