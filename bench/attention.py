@@ -36,7 +36,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import machine_info, matmul_fns, paired_times  # noqa: E402
+from machine import add_host_malloc_flag, machine_info, matmul_fns, paired_times, use_host_malloc  # noqa: E402
 
 START_LOAD = os.getloadavg()
 
@@ -53,7 +53,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cases", default="small", help="comma list of: " + ",".join(CASES))
     ap.add_argument("--blocks", default="", help="extra flash block sizes, e.g. 128x256,512x512")
+    add_host_malloc_flag(ap)
     args = ap.parse_args(argv)
+    use_host_malloc(args)
 
     import jax
     import jax.numpy as jnp

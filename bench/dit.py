@@ -35,7 +35,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import machine_info, matmul_fns, paired_times  # noqa: E402
+from machine import add_host_malloc_flag, machine_info, matmul_fns, paired_times, use_host_malloc  # noqa: E402
 
 START_LOAD = os.getloadavg()
 
@@ -328,7 +328,9 @@ def main(argv=None):
     p.add_argument("--remat", default="full")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--smoke", action="store_true", help="--full code path on a 1+1 block model (checks it runs)")
+    add_host_malloc_flag(p)
     args = p.parse_args(argv)
+    use_host_malloc(args)
     bench_full(args) if args.full else bench_cpu(args)
 
 

@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
-from machine import machine_info, paired_times  # noqa: E402
+from machine import add_host_malloc_flag, machine_info, paired_times, use_host_malloc  # noqa: E402
 
 PRESETS = {
     "small": dict(vae_res=128, t5=dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12), batch=2),
@@ -47,7 +47,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--out", default=None)
+    add_host_malloc_flag(ap)
     args = ap.parse_args(argv)
+    use_host_malloc(args)
     p = PRESETS[args.preset]
     b = args.batch or p["batch"]
     torch.set_grad_enabled(False)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import platform
 
+from edit_r1_jax import host_memory
+
 
 def cpu_model() -> str:
     try:
@@ -19,14 +21,29 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def add_host_malloc_flag(parser) -> None:
+    """``--host-malloc``: glibc's allocator for the whole process, both sides of a comparison alike
+    (edit_r1_jax/host_memory.py); applied by ``use_host_malloc`` before jax's backend starts."""
+    parser.add_argument("--host-malloc", default="auto", choices=host_memory.SETTINGS,
+                        help="keep = glibc reuses freed memory (auto: on the CPU), system = glibc as it is; the "
+                             "same for the JAX and the PyTorch side")
+
+
+def use_host_malloc(args) -> str:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the choice is logged to stderr
+    return host_memory.configure(args.host_malloc, "--host-malloc")
+
+
 def machine_info(start_loadavg=None) -> dict:
     """``start_loadavg``: ``os.getloadavg()`` taken when the benchmark started (printed beside the end's)."""
     import jax
 
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "backend": jax.default_backend(), "jax": jax.__version__,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-            # glibc.malloc.hugetlb=1 changes CPU figures of both sides (fewer page faults on fresh buffers: README)
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+            # the allocator changes CPU figures (page faults on fresh buffers): --host-malloc, GLIBC_TUNABLES
+            "host_malloc": host_memory.applied(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     if start_loadavg is not None:
         info["loadavg_start"] = [round(x, 2) for x in start_loadavg]
     try:

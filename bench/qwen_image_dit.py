@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 
 from dit import _median_time, _peak_for, cpu_comparison  # noqa: E402  (shared timing helpers of the FLUX DiT bench)
-from machine import machine_info  # noqa: E402
+from machine import add_host_malloc_flag, machine_info, use_host_malloc  # noqa: E402
 
 START_LOAD = os.getloadavg()
 
@@ -298,7 +298,9 @@ def main(argv=None):
     p.add_argument("--remat", default="full")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--smoke", action="store_true", help="--full code path on a 2-block, 2-head model")
+    add_host_malloc_flag(p)
     args = p.parse_args(argv)
+    use_host_malloc(args)
     bench_full(args) if args.full else bench_cpu(args)
 
 

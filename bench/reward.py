@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tokenizer / checkpoint builders shared with the tests
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import machine_info, paired_times  # noqa: E402
+from machine import add_host_malloc_flag, machine_info, paired_times, use_host_malloc  # noqa: E402
 
 START_LOAD = os.getloadavg()
 
@@ -171,7 +171,9 @@ def main(argv=None):
     p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     p.add_argument("--text-layers", type=int, default=0, help="--full: override the 28 decoder layers (smoke)")
     p.add_argument("--vision-depth", type=int, default=0, help="--full: override the 32 vision blocks (smoke)")
+    add_host_malloc_flag(p)
     args = p.parse_args(argv)
+    use_host_malloc(args)
     if args.full:
         args.batch, args.size = args.batch or 16, args.size or 512
         out = full_mode(args)

@@ -158,6 +158,7 @@ def diagnose_step(step_dir) -> list[str]:
 # nor what the run computes (prefixes end with "."). Every other difference stops the resume. model.dir and
 # data.root may be spelled differently: their resolved paths are compared as dataset.model_dir / dataset.root.
 SAFE_TO_CHANGE = ("log.", "eval.", "checkpoint.", "num_epochs", "run_dir", "resume", "compile_cache_dir",
+                  "host_malloc",
                   "distributed.", "mesh.", "model.dir", "data.root",
                   "model.attention_impl", "model.remat_policy", "model.dit.scan_layers", "train.micro_batch_size",
                   "train.max_empty_epochs", "sample.rollout_batch_size", "reward.batch_size", "reward.on_error",

@@ -6,6 +6,8 @@ import math
 
 from ml_collections import ConfigDict
 
+from edit_r1_jax import host_memory
+
 SOLVERS = ("flow", "dance", "ddim", "dpm1", "dpm2")
 ADV_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
 
@@ -37,6 +39,8 @@ def validate(c: ConfigDict, num_processes: int = 1, data_parallel: int = 1) -> d
             errors.append(msg)
 
     s, t = c.sample, c.train
+    need(str(c.get("host_malloc", "auto")).strip().lower() in host_memory.SETTINGS,
+         f"host_malloc={c.get('host_malloc')!r} must be one of {', '.join(host_memory.SETTINGS)}")
 
     def number(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False):
         """A finite number within [lo, hi] (open ends where asked); the message names the field."""

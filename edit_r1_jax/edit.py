@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from edit_r1_jax import host_memory
+
 log = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
@@ -52,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile-cache-dir", default="",
                     help="compiled programs kept for the next start: a folder or bucket URL, 'none' = off; empty: "
                          "JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/edit_r1_jax/xla")
+    ap.add_argument("--host-malloc", default="auto", choices=host_memory.SETTINGS,
+                    help="glibc's allocator for XLA:CPU's per-call buffers: keep = freed memory reused (auto: on "
+                         "the CPU), system = as is")
     return ap
 
 
@@ -96,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edit_r1_jax import compile_cache
     from edit_r1_jax.pipeline import Editor
 
+    host_memory.configure(args.host_malloc, "--host-malloc")
     compile_cache.use(args.compile_cache_dir, "--compile-cache-dir")
     log.info("model %s: %s", args.model, family.name)
     try:

@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from edit_r1_jax import host_memory
 from edit_r1_jax.evaluation import aggregate as agg
 from edit_r1_jax.evaluation import benchmarks as bm
 from edit_r1_jax.evaluation import parsing, prompts as pr, report
@@ -43,7 +44,7 @@ DEFAULTS = dict(bench=None, data=None, images=None, model=None, lora=None, judge
                 subset="fullset", prompts=None, judge_mode="generate", steps=28, guidance=2.5, resolution=512,
                 seed=0, batch_size=4, judge_batch_size=4, max_new_tokens=512, retry_temperature=0.7, t5_length=128,
                 judge_dtype="bfloat16", judge_mesh="data=-1", edit_mesh="data=-1", limit=None, no_progress=False,
-                compile_cache_dir="")
+                compile_cache_dir="", host_malloc="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile-cache-dir", help="compiled programs kept for the next start (a rerun resuming the "
                                                 "same --out): a folder or bucket URL, 'none' = off; default "
                                                 "JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/edit_r1_jax/xla")
+    ap.add_argument("--host-malloc", choices=host_memory.SETTINGS,
+                    help="glibc's allocator for XLA:CPU's per-call buffers: keep = freed memory reused, system = as "
+                         "is; default auto (keep on the CPU)")
     return ap
 
 
@@ -117,6 +121,8 @@ def resolve_options(args: argparse.Namespace) -> dict:
         raise ValueError(f"missing option(s) {['--' + m.replace('_', '-') for m in missing]}")
     if opts["bench"] not in ("gedit", "imgedit"):
         raise ValueError(f"bench must be gedit or imgedit, got {opts['bench']!r}")
+    if opts["host_malloc"] not in host_memory.SETTINGS:
+        raise ValueError(f"host_malloc must be one of {', '.join(host_memory.SETTINGS)}, got {opts['host_malloc']!r}")
     if opts["judge_mode"] not in ("generate", "logits"):
         raise ValueError(f"judge_mode must be generate or logits, got {opts['judge_mode']!r}")
     for k in ("steps", "batch_size", "judge_batch_size", "max_new_tokens", "resolution"):
@@ -450,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("row not used: %s: %s", p.where, p.error)
     from edit_r1_jax import compile_cache
 
+    host_memory.configure(opts["host_malloc"], "--host-malloc")
     compile_cache.use(opts["compile_cache_dir"], "--compile-cache-dir")
     done = {k: v for k, v in run.load_results().items() if v.get("status") in ("ok", "unparsed")}
     errors: dict[str, dict] = {}

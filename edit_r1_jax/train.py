@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from edit_r1_jax import checkpoint as ckpt_lib
-from edit_r1_jax import compile_cache
+from edit_r1_jax import compile_cache, host_memory
 from edit_r1_jax import config as config_lib
 from edit_r1_jax import editors, engine, runpath, tasks, weights
 from edit_r1_jax import metrics as metrics_lib
@@ -77,6 +77,7 @@ def run(c, max_epochs: int | None = None) -> dict[str, Any]:
     (``format_summary`` reads the rest). A run whose checkpoints already hold ``num_epochs`` returns
     {"finished_before": message, ...} without writing anything."""
     t_start = time.perf_counter()
+    host_memory.configure(c.host_malloc)  # before jax's backend starts
     compile_cache.use(c.compile_cache_dir)
     distributed.initialize(c.distributed.coordinator, c.distributed.num_processes, c.distributed.process_id)
     mesh = mesh_lib.make_mesh(dict(c.mesh))
