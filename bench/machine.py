@@ -24,16 +24,19 @@ def cpu_model() -> str:
 def add_host_malloc_flag(parser) -> None:
     """``--host-malloc``: glibc's allocator for the whole process, both sides of a comparison alike
     (edit_r1_jax/host_memory.py); applied by ``use_host_malloc`` before jax's backend starts."""
-    parser.add_argument("--host-malloc", default="auto", choices=host_memory.SETTINGS,
-                        help="keep = glibc reuses freed memory (auto: on the CPU), system = glibc as it is; the "
+    parser.add_argument("--host-malloc", default="system", choices=host_memory.SETTINGS,
+                        help="system = glibc as it is (the tools' default), keep = glibc reuses freed memory; the "
                              "same for the JAX and the PyTorch side")
 
 
 def use_host_malloc(args) -> str:
-    import logging
+    """Apply ``--host-malloc`` and say which on stderr (also recorded by ``machine_info``)."""
+    import sys
 
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the choice is logged to stderr
-    return host_memory.configure(args.host_malloc, "--host-malloc")
+    choice = host_memory.configure(args.host_malloc, "--host-malloc")
+    print(f"host malloc: {choice} (--host-malloc={args.host_malloc}; edit_r1_jax/host_memory.py)", file=sys.stderr,
+          flush=True)
+    return choice
 
 
 def machine_info(start_loadavg=None) -> dict:

@@ -39,7 +39,7 @@ def validate(c: ConfigDict, num_processes: int = 1, data_parallel: int = 1) -> d
             errors.append(msg)
 
     s, t = c.sample, c.train
-    need(str(c.get("host_malloc", "auto")).strip().lower() in host_memory.SETTINGS,
+    need(str(c.get("host_malloc", "system")).strip().lower() in host_memory.SETTINGS,
          f"host_malloc={c.get('host_malloc')!r} must be one of {', '.join(host_memory.SETTINGS)}")
 
     def number(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False):

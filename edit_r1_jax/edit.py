@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile-cache-dir", default="",
                     help="compiled programs kept for the next start: a folder or bucket URL, 'none' = off; empty: "
                          "JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/edit_r1_jax/xla")
-    ap.add_argument("--host-malloc", default="auto", choices=host_memory.SETTINGS,
-                    help="glibc's allocator for XLA:CPU's per-call buffers: keep = freed memory reused (auto: on "
-                         "the CPU), system = as is")
+    ap.add_argument("--host-malloc", default="system", choices=host_memory.SETTINGS,
+                    help="glibc's allocator: keep = freed memory reused (XLA:CPU's large per-call buffers), system = "
+                         "as it is")
     return ap
 
 

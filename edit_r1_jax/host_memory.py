@@ -1,4 +1,4 @@
-"""glibc's allocator, set for XLA:CPU's large per-call buffers (the command-line tools and the benchmarks).
+"""glibc's allocator, optionally set for XLA:CPU's large per-call buffers (train, edit, evaluate, the benchmarks).
 
 XLA:CPU allocates each call's temporaries and outputs afresh (one buffer of 494 MB for the forward+backward of
 bench/dit.py) and frees them at the end. glibc serves an allocation that large with its own ``mmap`` and returns it
@@ -10,23 +10,22 @@ bench/dit.py on a 2-core AMD EPYC. "keep" tells glibc (``mallopt``) to serve eve
 size that stays at its peak. Measured on that machine (docs/PERFORMANCE.md): the DiT forward+backward 2.72-2.85 s
 -> 2.36-2.42 s, torch's a little faster too.
 
-Settings: "auto" (default) = "keep" when jax will run on the CPU (``JAX_PLATFORMS`` / ``jax_platforms`` starts
-with cpu, or no accelerator plugin is installed), else "system"; "keep"; "system" = glibc as it is. Apply it before
-jax's backend starts: ``M_ARENA_MAX`` only reaches threads that have not allocated yet. Where the C library is not
-glibc, "keep" is refused and "auto" leaves the allocator alone; the chosen setting and its reason are logged.
+Settings: "system" (default) = glibc as it is; "keep". Keep is opt-in because it is not faster everywhere: it
+made the toy quick start slower (2.4-2.6 min against 2.1-2.2 min, its train phase 56-60 s against 44-45 s, two
+pairs; its calls are small, and every thread's allocations now share one arena). Apply it before jax's backend
+starts: ``M_ARENA_MAX`` only reaches threads that have not allocated yet. "keep" needs glibc (refused elsewhere);
+the setting is logged.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
-import importlib.util
 import logging
 import platform
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ("auto", "keep", "system")
+SETTINGS = ("system", "keep")
 # glibc's mallopt parameter numbers (malloc.h) and the values "keep" sets
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 KEEP_VALUES = {M_ARENA_MAX: 1, M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}
@@ -34,58 +33,27 @@ KEEP_VALUES = {M_ARENA_MAX: 1, M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}
 _applied: str | None = None  # "keep" once mallopt has run in this process
 
 
-def accelerator_plugins() -> list[str]:
-    """The PJRT plugins jax would find (entry points and ``jax_plugins.*`` modules) and libtpu, by name."""
-    names = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
-    try:
-        import jax_plugins  # a namespace package: jax_cuda12_plugin and others install modules into it
-
-        import pkgutil
-
-        names += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
-    except ImportError:
-        pass
-    if importlib.util.find_spec("libtpu") is not None:
-        names.append("libtpu")
-    return sorted(set(names))
-
-
-def resolve(setting: str, platforms: str | None, plugins: list[str], libc: str,
-            flag: str = "--config.host_malloc") -> tuple[str, str]:
-    """(``"keep"`` or ``"system"``, the reason) for a setting, the ``jax_platforms`` value, the installed
-    accelerator plugins and the C library's name (``platform.libc_ver()[0]``)."""
+def resolve(setting: str, libc: str, flag: str = "--config.host_malloc") -> str:
+    """"keep" or "system" for a setting and the C library's name (``platform.libc_ver()[0]``)."""
     s = str(setting).strip().lower()
     if s not in SETTINGS:
         raise ValueError(f"{flag}={setting!r}: expected one of {', '.join(SETTINGS)}")
-    if s == "system":
-        return "system", f"{flag}=system"
-    if libc != "glibc":
-        if s == "keep":
-            raise ValueError(f"{flag}=keep needs glibc's mallopt; this C library is {libc or 'unknown'}")
-        return "system", f"the C library is {libc or 'unknown'}, not glibc"
-    if s == "keep":
-        return "keep", f"{flag}=keep"
-    first = (platforms or "").split(",")[0].strip().lower()
-    if first:
-        return ("keep" if first == "cpu" else "system"), f"jax_platforms={platforms!r}"
-    if plugins:
-        return "system", f"accelerator plugins installed ({', '.join(plugins)}): jax will not run on the CPU"
-    return "keep", "no accelerator plugin installed: jax runs on the CPU"
+    if s == "keep" and libc != "glibc":
+        raise ValueError(f"{flag}=keep needs glibc's mallopt; this C library is {libc or 'unknown'}")
+    return s
 
 
-def configure(setting: str = "auto", flag: str = "--config.host_malloc") -> str:
+def configure(setting: str = "system", flag: str = "--config.host_malloc") -> str:
     """Resolve ``setting`` (see the module docstring), apply it and log the choice; returns "keep" or
     "system". Calling it again with "keep" is a no-op, and "system" after "keep" cannot undo it (said so)."""
     global _applied
-    import jax
     from jax._src import xla_bridge
 
-    choice, why = resolve(setting, jax.config.jax_platforms, accelerator_plugins(), platform.libc_ver()[0], flag)
-    if choice == "system":
+    if resolve(setting, platform.libc_ver()[0], flag) == "system":
         if _applied == "keep":
-            log.warning("host malloc: %s asked for, but keep was set earlier in this process and stays", why)
+            log.warning("host malloc: %s=system asked for, but keep was set earlier in this process and stays", flag)
             return "keep"
-        log.info("host malloc: glibc as it is (%s)", why)
+        log.debug("host malloc: glibc as it is (%s=keep reuses freed memory on the CPU)", flag)
         return "system"
     if _applied != "keep":
         libc = ctypes.CDLL(None)
@@ -95,8 +63,8 @@ def configure(setting: str = "auto", flag: str = "--config.host_malloc") -> str:
         _applied = "keep"
         late = (" (jax's backend had already started: its threads that allocated before keep their own arenas)"
                 if xla_bridge.backends_are_initialized() else "")
-        log.info("host malloc: keep (%s): one arena, no mmap, freed memory kept for reuse, so XLA:CPU's per-call "
-                 "buffers do not fault in fresh pages; %s=system leaves glibc as it is%s", why, flag, late)
+        log.info("host malloc: keep (%s=keep): one arena, no mmap, freed memory kept for reuse, so XLA:CPU's "
+                 "per-call buffers do not fault in fresh pages%s", flag, late)
     return "keep"
 
 

@@ -1,5 +1,5 @@
-"""edit_r1_jax.host_memory: glibc kept from handing XLA:CPU fresh pages on every call (train's config.host_malloc,
-edit's and evaluate's --host-malloc, the benchmarks' --host-malloc)."""
+"""edit_r1_jax.host_memory: glibc kept from handing XLA:CPU fresh pages on every call, opt-in (train's
+config.host_malloc=keep, --host-malloc keep of edit, evaluate and the benchmarks)."""
 
 import json
 import os
@@ -57,28 +57,18 @@ def test_keep_reuses_the_pages_of_the_previous_call():
     assert sorted(faults)[len(faults) // 2] < 1024, faults
 
 
-@pytest.mark.parametrize("setting,platforms,plugins,libc,expected", [
-    ("auto", None, [], "glibc", "keep"),  # plain CPU install
-    ("auto", None, ["xla_cuda12"], "glibc", "system"),  # a GPU plugin: jax runs on the GPU
-    ("auto", "cpu", ["xla_cuda12"], "glibc", "keep"),  # JAX_PLATFORMS=cpu wins over an installed plugin
-    ("auto", "tpu,cpu", [], "glibc", "system"),
-    ("auto", None, [], "musl", "system"),  # no mallopt to call
-    ("keep", "cuda", ["xla_cuda12"], "glibc", "keep"),  # asked for: applied anywhere glibc is
-    (" Keep ", None, [], "glibc", "keep"),
-    ("system", None, [], "glibc", "system"),
-])
-def test_resolve(setting, platforms, plugins, libc, expected):
-    choice, why = host_memory.resolve(setting, platforms, plugins, libc)
-    assert choice == expected
-    assert why  # the reason is what the log line says
+@pytest.mark.parametrize("setting,expected", [("system", "system"), ("keep", "keep"), (" Keep ", "keep")])
+def test_resolve(setting, expected):
+    assert host_memory.resolve(setting, "glibc") == expected
 
 
 def test_bad_settings_name_the_flag():
-    with pytest.raises(ValueError, match=r"--host-malloc='always': expected one of auto, keep, system"):
-        host_memory.resolve("always", None, [], "glibc", "--host-malloc")
+    with pytest.raises(ValueError, match=r"--host-malloc='always': expected one of system, keep"):
+        host_memory.resolve("always", "glibc", "--host-malloc")
     with pytest.raises(ValueError, match=r"--config.host_malloc=keep needs glibc's mallopt; this C library is musl"):
-        host_memory.resolve("keep", None, [], "musl")
+        host_memory.resolve("keep", "musl")
+    assert host_memory.resolve("system", "musl") == "system"  # nothing to set
     c = toy.get_config()
     c.host_malloc = "always"
-    with pytest.raises(config_lib.ConfigError, match=r"host_malloc='always' must be one of auto, keep, system"):
+    with pytest.raises(config_lib.ConfigError, match=r"host_malloc='always' must be one of system, keep"):
         config_lib.validate(c)
