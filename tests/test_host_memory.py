@@ -72,3 +72,24 @@ def test_bad_settings_name_the_flag():
     c.host_malloc = "always"
     with pytest.raises(config_lib.ConfigError, match=r"host_malloc='always' must be one of system, keep"):
         config_lib.validate(c)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_train_applies_the_config_field(tmp_path):
+    # num_epochs=0 is refused by the config check, which runs right after the allocator is set: each run stops
+    # within seconds, having logged the setting (or refused it)
+    cmd = [sys.executable, "-m", "edit_r1_jax.train", f"--config.run_dir={tmp_path / 'run'}", "--config.num_epochs=0",
+           "--config.compile_cache_dir=none"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def stderr(*extra):
+        r = subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=300, cwd=root)
+        assert r.returncode != 0
+        return r.stderr
+
+    out = stderr("--config.host_malloc=keep")
+    assert "host malloc: keep (--config.host_malloc=keep)" in out and "num_epochs=0 must be >= 1" in out, out[-3000:]
+    out = stderr()
+    assert "host malloc: keep" not in out and "num_epochs=0 must be >= 1" in out, out[-3000:]  # default: as is
+    out = stderr("--config.host_malloc=always")
+    assert "--config.host_malloc='always': expected one of system, keep" in out, out[-3000:]
