@@ -4,7 +4,7 @@ CPU mode (default): our JAX FluxTransformer vs diffusers FluxTransformer2DModel 
 config, forward and forward+backward (gradients of the LoRA parameters only), float32, batch 1, the two sides
 timed in alternating rounds (random order per round, median of ``--repeats``; ``ratio_per_round`` holds each
 round's torch/JAX ratio, ``ratio_torch_over_jax`` the ratio of the medians):
-    python bench/dit.py [--repeats 5] [--peak-gflops X]
+    python bench/dit.py [--repeats 5] [--peak-gflops X] [--host-malloc keep] [--profile]
 Full mode (accelerator): the 12B FLUX.1-Kontext config in bf16, 512x512 Kontext (1024 noisy + 1024 reference image
 tokens + 128 text tokens), parameters initialised randomly on device by a jitted, sharded init, remat on:
     python bench/dit.py --full [--batch 1] [--mesh data=-1,fsdp=1,tensor=1] [--remat full] [--peak-tflops X]
@@ -35,7 +35,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import add_host_malloc_flag, machine_info, matmul_fns, paired_times, use_host_malloc  # noqa: E402
+from machine import (add_host_malloc_flag, machine_info, matmul_fns, paired_times, thunk_profile,  # noqa: E402
+                     use_host_malloc)
 
 START_LOAD = os.getloadavg()
 
@@ -72,9 +73,11 @@ def _median_time(fn, repeats: int, warmup: int = 1):
     return statistics.median(times), times
 
 
-def cpu_comparison(sides: dict, flops: dict, repeats: int, peak_gflops: float | None = None) -> dict:
+def cpu_comparison(sides: dict, flops: dict, repeats: int, peak_gflops: float | None = None,
+                   profile: bool = False) -> dict:
     """Our model against the reference, both on this CPU. ``sides``: mode ("forward", "forward_backward") ->
-    (JAX fn, torch fn), zero-argument callables; ``flops``: mode -> model FLOPs of one call.
+    (JAX fn, torch fn), zero-argument callables; ``flops``: mode -> model FLOPs of one call. ``profile``: no
+    timing; where the JAX side's time goes instead (machine.thunk_profile per mode, under "thunk_profile").
 
     Per mode, the two sides and the two 2048^2 matmuls of the peak (machine.matmul_fns) are timed in the same
     rounds (machine.paired_times, a random order each round), so each round's ratio and fraction of the peak
@@ -82,6 +85,9 @@ def cpu_comparison(sides: dict, flops: dict, repeats: int, peak_gflops: float | 
     minutes later can read above 100%. "peak" = the faster matmul, its median over every round (``peak_gflops``
     given: that number, no matmuls timed). Returns the JSON fields shared by bench/dit.py and
     bench/qwen_image_dit.py."""
+    if profile:
+        print("profiling the JAX side (jax.profiler, per thunk)", file=sys.stderr, flush=True)
+        return {"thunk_profile": {mode: thunk_profile(jax_fn) for mode, (jax_fn, _) in sides.items()}}
     mm = {} if peak_gflops else {f"matmul_{k}": f for k, f in matmul_fns().items()}
     mm_flops = 2 * 2048 ** 3
     times, round_peaks = {}, {}
@@ -196,7 +202,8 @@ def bench_cpu(args):
         "model_gflops": {"forward": f_fwd / 1e9, "forward_backward_lora": f_fb / 1e9},
         **cpu_comparison({"forward": (lambda: jfwd(base, lora, inp).block_until_ready(), torch_fwd_nograd),
                           "forward_backward": (lambda: jax.block_until_ready(jgrad(lora, base, inp)), torch_bwd)},
-                         {"forward": f_fwd, "forward_backward": f_fb}, args.repeats, args.peak_gflops),
+                         {"forward": f_fwd, "forward_backward": f_fb}, args.repeats, args.peak_gflops,
+                         args.profile),
     }
     result["machine"] = machine_info(START_LOAD)
     print(json.dumps(result, indent=2))
@@ -328,6 +335,8 @@ def main(argv=None):
     p.add_argument("--remat", default="full")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--smoke", action="store_true", help="--full code path on a 1+1 block model (checks it runs)")
+    p.add_argument("--profile", action="store_true", help="CPU mode: where the JAX side's time goes per thunk "
+                                                             "(jax.profiler) instead of the comparison")
     add_host_malloc_flag(p)
     args = p.parse_args(argv)
     use_host_malloc(args)

@@ -102,3 +102,58 @@ def paired_times(fns: dict, repeats: int, warmup: int = 1, seed: int = 0) -> dic
             fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def thunk_profile(fn, calls: int = 3, top: int = 20) -> dict:
+    """Where a jitted call's time goes on XLA:CPU, from ``jax.profiler``: ``fn`` (zero arguments, blocks until its
+    result is ready) is called twice untraced, then ``calls`` times traced. Each thunk event on XLA:CPU's threads
+    (its worker pool, and the client thread that runs a small program inline) counts its exclusive time (events
+    nested in it, e.g. a while loop's body, are subtracted). Returns per call: ``thread_ms`` (the threads' summed
+    thunk time; up to cores x wall), ``by_kind_ms`` (thunk names without their ".N" suffix: "ynn_fusion" are
+    YNNPACK dots in jax 0.10, "subtract_exponential_fusion" an elementwise fusion, ...) and the ``top`` thunks by
+    name (instruction names of the compiled HLO). A thunk's helper work on other threads (a dot split across
+    cores) is not traced: ``thread_ms`` is a lower bound of the threads' busy time, and a gap is not idle time."""
+    import collections
+    import glob
+    import re
+    import tempfile
+
+    import jax
+
+    for _ in range(2):
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for _ in range(calls):
+            fn()
+        jax.profiler.stop_trace()
+        traces = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))
+        if not traces:
+            raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {d}")
+        data = jax.profiler.ProfileData.from_file(traces[-1])
+    wrappers = re.compile(r"^(ThunkExecutor|ThreadpoolListener|end:|SlinkyThreadPool::Await)")
+    excl = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if "XLAEigen" not in line.name and "XLAPjRtCpuClient" not in line.name:  # XLA:CPU's threads
+                continue
+            events = sorted(((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events
+                             if not wrappers.match(e.name)), key=lambda x: (x[0], -x[1]))
+            stack: list = []
+            for start, end, name in events:
+                while stack and stack[-1][0] <= start:
+                    stack.pop()
+                if stack:  # nested in the innermost open event: not that event's own time
+                    excl[stack[-1][1]] -= min(end, stack[-1][0]) - start
+                excl[name] += end - start
+                stack.append((end, name))
+    if not excl:
+        raise RuntimeError("the trace holds no XLA:CPU thunk events (not a CPU backend?)")
+    per_call = {name: ns / calls / 1e6 for name, ns in excl.items()}
+    kinds = collections.Counter()
+    for name, ms in per_call.items():
+        kinds[re.sub(r"\.\d+$", "", name)] += ms
+    return {"calls": calls, "thread_ms": round(sum(per_call.values()), 2),
+            "by_kind_ms": {k: round(v, 2) for k, v in kinds.most_common()},
+            "top_thunks_ms": {k: round(v, 2) for k, v in collections.Counter(per_call).most_common(top)}}
+

@@ -4,7 +4,7 @@ CPU mode (default): our JAX QwenImageTransformer vs diffusers QwenImageTransform
 attention projections) on one mid-size config (4 dual-stream blocks, width 512 = 4 heads of 128, text width 3584),
 forward and forward+backward (gradients of the LoRA parameters only), float32, batch 1, the edit layout
 (1024 noisy + 1024 reference image tokens, 128 text tokens of which 100 are real, text mask on):
-    python bench/qwen_image_dit.py [--repeats 5] [--noisy 1024] [--text 128] [--peak-gflops X]
+    python bench/qwen_image_dit.py [--repeats 5] [--noisy 1024] [--text 128] [--peak-gflops X] [--profile]
 The two sides are timed in alternating rounds (random order per round, median of ``--repeats``). Prints one JSON
 object with both timings, ``ratio_torch_over_jax`` (ratio of the medians, > 1: ours faster) and
 ``ratio_per_round`` (each round's ratio: its spread shows how steady the host was).
@@ -147,7 +147,8 @@ def bench_cpu(args):
         "model_gflops": {"forward": f_fwd / 1e9, "forward_backward_lora": f_fb / 1e9},
         **cpu_comparison({"forward": (lambda: jfwd(base, lora, arrays).block_until_ready(), torch_fwd_nograd),
                           "forward_backward": (lambda: jax.block_until_ready(jgrad(lora, base, arrays)), torch_bwd)},
-                         {"forward": f_fwd, "forward_backward": f_fb}, args.repeats, args.peak_gflops),
+                         {"forward": f_fwd, "forward_backward": f_fb}, args.repeats, args.peak_gflops,
+                         args.profile),
     }
     result["machine"] = machine_info(START_LOAD)
     print(json.dumps(result, indent=2))
@@ -297,6 +298,8 @@ def main(argv=None):
     p.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1")
     p.add_argument("--remat", default="full")
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--profile", action="store_true", help="CPU mode: where the JAX side's time goes per thunk "
+                                                             "(jax.profiler) instead of the comparison")
     p.add_argument("--smoke", action="store_true", help="--full code path on a 2-block, 2-head model")
     add_host_malloc_flag(p)
     args = p.parse_args(argv)

@@ -131,3 +131,24 @@ def test_dit_bench_comparison_pairs_each_round_with_its_own_peak():
     assert fixed["peak_measured"] is None and fixed["peak_gflops"] == 100.0
     # 1 GFLOP in 50-83 ms against 100 GFLOP/s: 0.12-0.2 of the peak in each round
     assert all(0.12 < f <= 0.2 for f in fixed["jax_frac_of_peak_per_round"]["forward"]), fixed
+
+
+def test_thunk_profile_names_the_compiled_programs_instructions():
+    """bench/machine.py thunk_profile (``bench/dit.py --profile``): the times it reports belong to thunks of the
+    compiled program (their names are instruction names of its HLO), per call, grouped by kind."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import machine
+
+    x = jnp.ones((512, 512), jnp.float32)
+    f = jax.jit(lambda a: jnp.exp(a @ a.T) * 2.0 + a)
+    hlo = f.lower(x).compile().as_text()
+    prof = machine.thunk_profile(lambda: f(x).block_until_ready(), calls=3, top=5)
+    assert prof["calls"] == 3 and prof["thread_ms"] > 0, prof
+    names = list(prof["top_thunks_ms"])
+    assert names and all(re.search(rf"\b{re.escape(n)} = ", hlo) for n in names), (names, hlo[-2000:])
+    # kinds are the names without their ".N" suffix and add up to the total
+    assert abs(sum(prof["by_kind_ms"].values()) - prof["thread_ms"]) < 0.05 + 1e-3 * prof["thread_ms"], prof
+    assert all(not re.search(r"\.\d+$", k) for k in prof["by_kind_ms"]), prof
