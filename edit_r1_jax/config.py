@@ -39,8 +39,10 @@ def validate(c: ConfigDict, num_processes: int = 1, data_parallel: int = 1) -> d
             errors.append(msg)
 
     s, t = c.sample, c.train
-    need(str(c.get("host_malloc", "system")).strip().lower() in host_memory.SETTINGS,
-         f"host_malloc={c.get('host_malloc')!r} must be one of {', '.join(host_memory.SETTINGS)}")
+    try:
+        host_memory.check(c.get("host_malloc", "system"), "host_malloc")
+    except ValueError as e:
+        errors.append(str(e))
 
     def number(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False):
         """A finite number within [lo, hi] (open ends where asked); the message names the field."""

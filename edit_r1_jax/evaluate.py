@@ -121,8 +121,7 @@ def resolve_options(args: argparse.Namespace) -> dict:
         raise ValueError(f"missing option(s) {['--' + m.replace('_', '-') for m in missing]}")
     if opts["bench"] not in ("gedit", "imgedit"):
         raise ValueError(f"bench must be gedit or imgedit, got {opts['bench']!r}")
-    if opts["host_malloc"] not in host_memory.SETTINGS:
-        raise ValueError(f"host_malloc must be one of {', '.join(host_memory.SETTINGS)}, got {opts['host_malloc']!r}")
+    host_memory.check(opts["host_malloc"], "host_malloc")
     if opts["judge_mode"] not in ("generate", "logits"):
         raise ValueError(f"judge_mode must be generate or logits, got {opts['judge_mode']!r}")
     for k in ("steps", "batch_size", "judge_batch_size", "max_new_tokens", "resolution"):

@@ -2,8 +2,8 @@
 
 XLA:CPU allocates each call's temporaries and outputs afresh (one buffer of 494 MB for the forward+backward of
 bench/dit.py) and frees them at the end. glibc serves an allocation that large with its own ``mmap`` and returns it
-with ``munmap``, and does so for every allocation of a thread other than the main one whatever its size; so every
-call starts on fresh pages, which the kernel zero-fills on first touch: 120,612 page faults per forward+backward of
+with ``munmap`` (the main arena above its mmap threshold, at most 32 MB; another thread's arena above its 64 MB
+heap size, whatever ``M_MMAP_MAX`` says); so every call starts on fresh pages, which the kernel zero-fills on first touch: 120,612 page faults per forward+backward of
 bench/dit.py on a 2-core AMD EPYC. "keep" tells glibc (``mallopt``) to serve every thread from its main heap
 (``M_ARENA_MAX`` 1), never to ``mmap`` (``M_MMAP_MAX`` 0) and to keep up to 2 GiB of freed memory at the heap's top
 (``M_TRIM_THRESHOLD``): the next call reuses the same pages (0 page faults per call), at the price of a resident
@@ -43,13 +43,18 @@ def resolve(setting: str, libc: str, flag: str = "--config.host_malloc") -> str:
     return s
 
 
+def check(setting: str, flag: str = "--config.host_malloc") -> str:
+    """``resolve`` for this process's C library: raises ValueError naming ``flag`` for a setting it cannot apply."""
+    return resolve(setting, platform.libc_ver()[0], flag)
+
+
 def configure(setting: str = "system", flag: str = "--config.host_malloc") -> str:
     """Resolve ``setting`` (see the module docstring), apply it and log the choice; returns "keep" or
     "system". Calling it again with "keep" is a no-op, and "system" after "keep" cannot undo it (said so)."""
     global _applied
     from jax._src import xla_bridge
 
-    if resolve(setting, platform.libc_ver()[0], flag) == "system":
+    if check(setting, flag) == "system":
         if _applied == "keep":
             log.warning("host malloc: %s=system asked for, but keep was set earlier in this process and stays", flag)
             return "keep"
