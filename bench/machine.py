@@ -24,9 +24,10 @@ def cpu_model() -> str:
 def add_host_malloc_flag(parser) -> None:
     """``--host-malloc``: glibc's allocator for the whole process, both sides of a comparison alike
     (edit_r1_jax/host_memory.py); applied by ``use_host_malloc`` before jax's backend starts."""
-    parser.add_argument("--host-malloc", default="system", choices=host_memory.SETTINGS,
-                        help="system = glibc as it is (the tools' default), keep = glibc reuses freed memory; the "
-                             "same for the JAX and the PyTorch side")
+    parser.add_argument("--host-malloc", default="auto", choices=host_memory.SETTINGS,
+                        help="auto (the tools' default: keep on a CPU-only jax), keep = glibc reuses freed memory and "
+                             "XLA:CPU runs calls on the calling thread, system = glibc and jax as they are; the "
+                             "allocator part holds for the JAX and the PyTorch side alike")
 
 
 def use_host_malloc(args) -> str:

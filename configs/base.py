@@ -22,10 +22,10 @@ def get_config(variant: str = "") -> ConfigDict:
     # Compiled XLA programs kept across starts (a restart or preemption skips the recompile): "" = jax's
     # JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/edit_r1_jax/xla; a folder or bucket URL; "none" = off
     c.compile_cache_dir = ""
-    # glibc's allocator (edit_r1_jax/host_memory.py): "system" = as it is; "keep" = freed memory kept for reuse, so
-    # XLA:CPU's large per-call buffers do not fault in fresh pages on every call (faster for big models on the CPU,
-    # slower for the toy)
-    c.host_malloc = "system"
+    # XLA:CPU's large per-call buffers (edit_r1_jax/host_memory.py): "keep" = glibc keeps freed memory for reuse and
+    # calls run on the calling thread, so no call faults in fresh pages; "system" = glibc and jax as they are;
+    # "auto" = keep where jax runs on the CPU only (the toy and the CPU benchmarks got faster), else system
+    c.host_malloc = "auto"
 
     # allow_replicated_fallback: a mesh the device topology cannot lay out, or a parameter dim its mesh axes do
     # not divide, raises at start-up; True falls back (device order as listed / replicated) with a warning.

@@ -40,7 +40,7 @@ def validate(c: ConfigDict, num_processes: int = 1, data_parallel: int = 1) -> d
 
     s, t = c.sample, c.train
     try:
-        host_memory.check(c.get("host_malloc", "system"), "host_malloc")
+        host_memory.check(c.get("host_malloc", "auto"), "host_malloc")
     except ValueError as e:
         errors.append(str(e))
 

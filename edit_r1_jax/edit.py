@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile-cache-dir", default="",
                     help="compiled programs kept for the next start: a folder or bucket URL, 'none' = off; empty: "
                          "JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/edit_r1_jax/xla")
-    ap.add_argument("--host-malloc", default="system", choices=host_memory.SETTINGS,
-                    help="glibc's allocator: keep = freed memory reused (XLA:CPU's large per-call buffers), system = "
-                         "as it is")
+    ap.add_argument("--host-malloc", default="auto", choices=host_memory.SETTINGS,
+                    help="XLA:CPU's per-call buffers: keep = reused (glibc keeps freed memory, calls run on the "
+                         "calling thread), system = glibc and jax as they are, auto = keep where jax runs on the CPU "
+                         "only")
     return ap
 
 

@@ -44,7 +44,7 @@ DEFAULTS = dict(bench=None, data=None, images=None, model=None, lora=None, judge
                 subset="fullset", prompts=None, judge_mode="generate", steps=28, guidance=2.5, resolution=512,
                 seed=0, batch_size=4, judge_batch_size=4, max_new_tokens=512, retry_temperature=0.7, t5_length=128,
                 judge_dtype="bfloat16", judge_mesh="data=-1", edit_mesh="data=-1", limit=None, no_progress=False,
-                compile_cache_dir="", host_malloc="system")
+                compile_cache_dir="", host_malloc="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "same --out): a folder or bucket URL, 'none' = off; default "
                                                 "JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/edit_r1_jax/xla")
     ap.add_argument("--host-malloc", choices=host_memory.SETTINGS,
-                    help="glibc's allocator: keep = freed memory reused (XLA:CPU's large per-call buffers), system = "
-                         "as it is (default)")
+                    help="XLA:CPU's per-call buffers: keep = reused (glibc keeps freed memory, calls run on the "
+                         "calling thread), system = glibc and jax as they are, auto (default) = keep where jax runs "
+                         "on the CPU only")
     return ap
 
 

@@ -22,3 +22,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_cache))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_cache))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# Started here, so that host_malloc="auto" (the trainer's default, edit_r1_jax/host_memory.py) finds it running and
+# leaves the test process's allocator and dispatch as they are whichever test runs first; the subprocess tests
+# start fresh and run the default as users do.
+jax.devices()
