@@ -51,8 +51,8 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy.p
 # setup: start-up and the first epoch's compilation; warm_step: one warm-start step of 32 rows; rollout: sampling +
 # reward of one rollout; train: one rollout at one trained timestep (the theta, theta_old and reference forwards
 # and the backward); eval: one evaluation (its compilation shared out).
-MEASURED = {("toy", "cpu"): dict(setup=30.0, warm_step=0.38, rollout=0.0125, train=0.0134, eval=3.0,
-                                 where="2 idle CPU cores, 2026-12-01")}
+MEASURED = {("toy", "cpu"): dict(setup=39.0, warm_step=0.13, rollout=0.0047, train=0.0038, eval=1.5,
+                                 where="2 idle AMD EPYC cores, 2026-12-04")}
 
 
 def expected_seconds(c, epochs: int, measured: dict, warm: bool) -> float:
