@@ -1,5 +1,6 @@
 """edit_r1_jax.host_memory: XLA:CPU's per-call buffers kept from faulting in fresh pages on every call (train's
-config.host_malloc, --host-malloc of edit, evaluate and the benchmarks; "auto", the default, keeps on a CPU-only jax)."""
+config.host_malloc, --host-malloc of edit, evaluate and the benchmarks; "auto", the default, keeps on a CPU-only
+jax)."""
 
 import json
 import os
@@ -94,7 +95,8 @@ def test_auto_keeps_only_where_jax_runs_on_the_cpu(tmp_path):
     assert _auto_choice(tmp_path, None, plugin="fake_accelerator") == [
         "system", "accelerator plugin installed: fake_accelerator"]
     if not host_memory.accelerator_plugins():  # this machine's jax is CPU-only (CI)
-        assert _auto_choice(tmp_path / "plain", None) == ["keep", "jax on the CPU only: no accelerator plugin installed"]
+        assert _auto_choice(tmp_path / "plain", None) == [
+            "keep", "jax on the CPU only: no accelerator plugin installed"]
     # once jax's backend runs (this test process: conftest started it) it is too late for the dispatch part
     assert host_memory.auto_choice() == ("system", "jax's backend had started already")
 
