@@ -4,7 +4,7 @@ CPU mode (default): our JAX FluxTransformer vs diffusers FluxTransformer2DModel 
 config, forward and forward+backward (gradients of the LoRA parameters only), float32, batch 1, the two sides
 timed in alternating rounds (random order per round, median of ``--repeats``; ``ratio_per_round`` holds each
 round's torch/JAX ratio, ``ratio_torch_over_jax`` the ratio of the medians):
-    python bench/dit.py [--repeats 5] [--peak-gflops X] [--host-malloc keep] [--profile]
+    python bench/dit.py [--repeats 5] [--peak-gflops X] [--host-malloc {auto,system,keep}] [--profile]
 Full mode (accelerator): the 12B FLUX.1-Kontext config in bf16, 512x512 Kontext (1024 noisy + 1024 reference image
 tokens + 128 text tokens), parameters initialised randomly on device by a jitted, sharded init, remat on:
     python bench/dit.py --full [--batch 1] [--mesh data=-1,fsdp=1,tensor=1] [--remat full] [--peak-tflops X]

@@ -157,4 +157,3 @@ def thunk_profile(fn, calls: int = 3, top: int = 20) -> dict:
     return {"calls": calls, "thread_ms": round(sum(per_call.values()), 2),
             "by_kind_ms": {k: round(v, 2) for k, v in kinds.most_common()},
             "top_thunks_ms": {k: round(v, 2) for k, v in collections.Counter(per_call).most_common(top)}}
-

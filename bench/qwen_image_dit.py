@@ -5,6 +5,7 @@ attention projections) on one mid-size config (4 dual-stream blocks, width 512 =
 forward and forward+backward (gradients of the LoRA parameters only), float32, batch 1, the edit layout
 (1024 noisy + 1024 reference image tokens, 128 text tokens of which 100 are real, text mask on):
     python bench/qwen_image_dit.py [--repeats 5] [--noisy 1024] [--text 128] [--peak-gflops X] [--profile]
+        [--host-malloc {auto,system,keep}]
 The two sides are timed in alternating rounds (random order per round, median of ``--repeats``). Prints one JSON
 object with both timings, ``ratio_torch_over_jax`` (ratio of the medians, > 1: ours faster) and
 ``ratio_per_round`` (each round's ratio: its spread shows how steady the host was).

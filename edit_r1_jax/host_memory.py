@@ -14,8 +14,9 @@ stays at its peak. Two parts, both needed:
 - jax (``jax_cpu_enable_async_dispatch`` False): XLA:CPU runs a single-device call inline on the calling thread
   instead of on its dispatch thread, so the buffers are allocated by the thread that calls (the main thread in
   train, edit, evaluate and the benchmarks). It is read when jax creates its CPU client: set before the first jax
-  computation. Multi-device CPU calls (a mesh over ``--xla_force_host_platform_device_count`` devices) stay
-  asynchronous (jax's rule) and so keep faulting.
+  computation. jax applies it to single-device calls only: multi-device CPU calls (a mesh over
+  ``--xla_force_host_platform_device_count`` devices) stay asynchronous, so their buffers above 64 MB are not kept
+  (not measured).
 An earlier "keep" limited glibc to one arena (``M_ARENA_MAX`` 1) instead of the dispatch change; it made the toy
 quick start 14-16% slower (every thread's small allocations in one arena). This one made it faster: on the AMD
 machine, four runs 1:44-1:55 min:s against 2:07 (two runs) as glibc is; the dispatch change alone 1:58-1:59; the
